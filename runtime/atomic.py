@@ -1,0 +1,42 @@
+"""Write an output directory atomically: build it beside the target, then rename it into place."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from ossedge.runtime.errors import OssedgeError, OutputExistsError
+
+
+def check_output(out: Path, *, force: bool) -> None:
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} already exists; pass --force to replace it or choose a new path")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory; on success it replaces `out`, on any error it vanishes."""
+    out = Path(out)
+    check_output(out, force=force)
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OssedgeError(f"cannot create {parent} ({e.strerror}); choose a writable path") from None
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
+            os.rename(out, old / "x")
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,237 @@
+"""Synthetic gpt-oss checkpoints: random weights in the exact released format.
+
+Each tensor is drawn from its own generator seeded by (seed, canonical name), so the HF and the
+original layouts of one seed hold identical weights. Tensors are produced in row chunks of at most
+`CHUNK_BYTES` and written as they are made: the 20b (~13 GB) streams with bounded memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ossedge.quantize import mxfp4
+from ossedge.runtime.atomic import atomic_dir
+from ossedge.runtime.checkpoint import INDEX_FILE, TensorSpec, expected_tensors, original_name
+from ossedge.runtime.config import GptOssConfig, preset
+from ossedge.runtime.safetensors_stream import write_streaming
+
+CHUNK_BYTES = 64 << 20
+HF_SHARD_BYTES = 5 << 30
+LAYOUTS = ("hf", "original")
+
+
+def _init_std(name: str, cfg: GptOssConfig) -> tuple[float, float]:
+    """(mean, std) per tensor, chosen so activations look like a trained model's: attention that
+    is peaked but not one-hot, sinks that absorb real mass, decisive routing, and expert
+    pre-activations that cross the SwiGLU clamp (±swiglu_limit) a few percent of the time."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    rules = (
+        (r".*embed_tokens\.weight", 0.0, 1.0),
+        (r".*(layernorm|norm)\.weight", 1.0, 0.1),
+        (r".*[qk]_proj\.weight", 0.0, 2.0 / math.sqrt(h)),
+        (r".*v_proj\.weight", 0.0, 1.0 / math.sqrt(h)),
+        (r".*o_proj\.weight", 0.0, 0.5 / math.sqrt(cfg.q_size)),
+        (r".*sinks", 1.0, 1.0),
+        (r".*router\.weight", 0.0, 2.0 / math.sqrt(h)),
+        (r".*router\.bias", 0.0, 0.5),
+        (r".*gate_up_proj(_blocks)?", 0.0, 4.0 / math.sqrt(h)),
+        (r".*gate_up_proj_bias", 0.0, 0.5),
+        (r".*down_proj(_blocks)?", 0.0, 0.25 / math.sqrt(i)),
+        (r".*_bias|.*\.bias", 0.0, 0.1),
+        (r"lm_head\.weight", 0.0, 2.0 / math.sqrt(h)),
+    )
+    for pattern, mean, std in rules:
+        if re.fullmatch(pattern, name):
+            return mean, std
+    raise KeyError(f"no init rule for {name}")
+
+
+def _generator(seed: int, name: str, part: int = 0) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + zlib.crc32(f"{name}#{part}".encode())) % (2**63))
+    return g
+
+
+class _Source:
+    """Produces each canonical tensor's values in row chunks, deterministically."""
+
+    def __init__(self, cfg: GptOssConfig, seed: int, dtype: torch.dtype = torch.bfloat16) -> None:
+        self.cfg = cfg
+        self.seed = seed
+        self.dtype = dtype
+        self._scales: dict[str, torch.Tensor] = {}
+
+    def dense_chunks(self, spec: TensorSpec) -> Iterator[torch.Tensor]:
+        mean, std = _init_std(spec.name, self.cfg)
+        row = math.prod(spec.shape[1:]) * 4
+        rows = max(1, CHUNK_BYTES // max(row, 1))
+        for part, start in enumerate(range(0, spec.shape[0], rows)):
+            n = min(rows, spec.shape[0] - start)
+            t = torch.randn((n, *spec.shape[1:]), generator=_generator(self.seed, spec.name, part))
+            yield (t * std + mean).to(self.dtype)
+
+    def expert_chunks(self, spec: TensorSpec) -> Iterator[torch.Tensor]:
+        """MXFP4 blocks one expert at a time; the scales are kept for the `_scales` tensor that
+        follows in file order."""
+        if spec.name.endswith("_scales"):
+            yield self._scales.pop(spec.name)
+            return
+        weight = spec.name.removesuffix("_blocks")
+        _, std = _init_std(spec.name, self.cfg)
+        e, out_features, groups, _ = spec.shape
+        scales = []
+        for expert in range(e):
+            g = _generator(self.seed, weight, expert)
+            w = torch.randn((out_features, groups * mxfp4.BLOCK), generator=g) * std
+            blocks, sc = mxfp4.quantize(w)
+            scales.append(sc)
+            yield blocks.unsqueeze(0)
+        self._scales[weight + "_scales"] = torch.stack(scales)
+
+    def dense_expert_chunks(self, spec: TensorSpec) -> Iterator[torch.Tensor]:
+        """Dequantized HF experts [E, in, out]: the transposed decode of the same MXFP4 weights."""
+        _, std = _init_std(spec.name, self.cfg)
+        e, in_features, out_features = spec.shape
+        for expert in range(e):
+            g = _generator(self.seed, spec.name, expert)
+            w = torch.randn((out_features, in_features), generator=g) * std
+            yield mxfp4.dequantize(*mxfp4.quantize(w)).t().contiguous().to(self.dtype).unsqueeze(0)
+
+    def chunks(self, spec: TensorSpec) -> Iterator[torch.Tensor]:
+        if spec.name.endswith(("_blocks", "_scales")):
+            return self.expert_chunks(spec)
+        if spec.name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            return self.dense_expert_chunks(spec)
+        return self.dense_chunks(spec)
+
+
+def _plan_shards(specs: list[TensorSpec], limit: int) -> list[list[TensorSpec]]:
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for s in specs:
+        n = s.dtypes[0].itemsize * math.prod(s.shape)
+        if shards[-1] and size + n > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += n
+    return shards
+
+
+def generation_config(eos_ids: list[int], pad_id: int, bos_id: int) -> dict:
+    return {"bos_token_id": bos_id, "do_sample": True, "eos_token_id": eos_ids, "pad_token_id": pad_id}
+
+
+def synthesize(
+    out: str | Path,
+    *,
+    preset_name: str = "tiny",
+    seed: int = 0,
+    layout: str = "hf",
+    expert_format: str = "mxfp4",
+    config: GptOssConfig | None = None,
+    shard_bytes: int = HF_SHARD_BYTES,
+    force: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Write a random-weight gpt-oss checkpoint to `out` atomically; return its path."""
+    from ossedge.runtime.tokenizer import build_synthetic_tokenizer, special_ids
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+    if layout == "original" and expert_format != "mxfp4":
+        raise ValueError("the original layout stores experts only as MXFP4")
+    cfg = config or preset(preset_name)
+    tok = build_synthetic_tokenizer(cfg.vocab_size)
+    ids = special_ids(tok)
+    cfg = cfg.replace(
+        eos_token_id=ids["<|return|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        quantization_config=(
+            {
+                "modules_to_not_convert": [
+                    "model.layers.*.self_attn",
+                    "model.layers.*.mlp.router",
+                    "model.embed_tokens",
+                    "lm_head",
+                ],
+                "quant_method": "mxfp4",
+            }
+            if expert_format == "mxfp4"
+            else None
+        ),
+    )
+    specs = expected_tensors(cfg, expert_format=expert_format)
+    source = _Source(cfg, seed)
+    total = sum(s.dtypes[0].itemsize * math.prod(s.shape) for s in specs)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="synth", disable=not progress)
+
+    def counted(spec: TensorSpec) -> Iterator[torch.Tensor]:
+        for c in source.chunks(spec):
+            bar.update(c.numel() * c.element_size())
+            yield c
+
+    with atomic_dir(out, force=force) as tmp:
+        tok.save(str(tmp / "tokenizer.json"))
+        gen = generation_config(
+            [ids["<|return|>"], ids["<|endoftext|>"], ids["<|call|>"]],
+            ids["<|endoftext|>"],
+            ids["<|startoftext|>"],
+        )
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if layout == "hf":
+            _write_hf(tmp, cfg, specs, counted, shard_bytes)
+        else:
+            _write_original(tmp, cfg, specs, counted)
+    bar.close()
+    return Path(out)
+
+
+def _write_hf(tmp: Path, cfg: GptOssConfig, specs, counted, shard_bytes: int) -> None:
+    (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
+    by_name = {s.name: s for s in specs}
+    shards = _plan_shards(specs, shard_bytes)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for k, shard in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else (
+            f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        )
+        items = [(s.name, s.shape, s.dtypes[0]) for s in shard]
+        total += write_streaming(tmp / fname, items, lambda n: counted(by_name[n]))
+        weight_map.update({s.name: fname for s in shard})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_original(tmp: Path, cfg: GptOssConfig, specs, counted) -> None:
+    (tmp / "config.json").write_text(json.dumps(cfg.to_original_dict(), indent=2) + "\n")
+    by_name = {s.name: s for s in specs}
+    items: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+    parts: dict[str, list[TensorSpec]] = {}
+    for s in specs:
+        oname = original_name(s.name)
+        if oname in parts:
+            parts[oname].append(s)
+            continue
+        parts[oname] = [s]
+        items.append((oname, s.shape, s.dtypes[0]))
+    # A fused qkv is the concatenation of q, k and v along the output dimension.
+    items = [
+        (n, (sum(p.shape[0] for p in parts[n]), *shape[1:]), dt) for n, shape, dt in items
+    ]
+
+    def chunks(oname: str) -> Iterator[torch.Tensor]:
+        for s in parts[oname]:
+            yield from counted(by_name[s.name])
+
+    write_streaming(tmp / "model.safetensors", items, chunks)
