@@ -13,10 +13,9 @@ BYTES_PER_BLOCK = BLOCK // 2
 SCALE_BIAS = 127
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 FP4_MAX = 6.0
-# Midpoints between consecutive E2M1 magnitudes; a value exactly on one rounds to the even code.
-_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
-# Rows of blocks decoded per chunk: bounds temporaries to a few tens of MB whatever the tensor.
-DEFAULT_CHUNK_BLOCKS = 1 << 20
+# Blocks per chunk: temporaries of ~2 MB stay in cache and are reused by the allocator (10x faster
+# than one pass over a 66 MB expert), and memory stays bounded whatever the tensor.
+DEFAULT_CHUNK_BLOCKS = 1 << 14
 
 
 def _byte_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -79,14 +78,17 @@ def dequantize(
 
 
 def _round_to_e2m1(q: torch.Tensor) -> torch.Tensor:
-    """Nearest E2M1 code (ties to even) for scaled values q (fp32); sign kept in bit 3."""
-    mids = torch.tensor(_MIDPOINTS, dtype=torch.float32, device=q.device)
+    """Nearest E2M1 code (ties to even) for scaled values q (fp32); sign kept in bit 3.
+
+    Per binade the grid is uniform, so `torch.round` (half to even) on the value divided by the
+    binade's step gives the code directly: [0, 2) step 0.5, [2, 4) step 1, [4, 6] step 2.
+    """
     a = q.abs().clamp_(max=FP4_MAX)
-    code = torch.bucketize(a, mids)  # number of midpoints strictly below a
-    on_mid = (code < len(_MIDPOINTS)) & (a == mids[code.clamp(max=len(_MIDPOINTS) - 1)])
-    code = code + (on_mid & (code % 2 == 1)).to(code.dtype)
-    sign = torch.signbit(q).to(code.dtype) << 3
-    return (code | sign).to(torch.uint8)
+    low = torch.round(a * 2)  # codes 0..4
+    mid = torch.round(a).add_(2)  # codes 4..6
+    high = torch.round(a * 0.5).add_(4)  # codes 6..7
+    code = torch.where(a < 2, low, torch.where(a < 4, mid, high)).to(torch.uint8)
+    return code | (torch.signbit(q).to(torch.uint8) << 3)
 
 
 def quantize(

@@ -1,0 +1,3 @@
+from ossedge.convert.cli import main
+
+main()

@@ -1,0 +1,408 @@
+"""The harmony chat format of gpt-oss: render conversations (as text or as token ids, special tokens
+looked up by name) and parse what the assistant generated — strictly, so that analysis text never
+reaches the final answer and tool calls are either well formed or reported broken."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ossedge.runtime.errors import HarmonyError
+from ossedge.runtime.tokenizer import Tokenizer
+
+START, END, MESSAGE, CHANNEL = "<|start|>", "<|end|>", "<|message|>", "<|channel|>"
+CONSTRAIN, RETURN, CALL, ENDOFTEXT = "<|constrain|>", "<|return|>", "<|call|>", "<|endoftext|>"
+CHANNELS = ("analysis", "commentary", "final")
+REASONING_EFFORTS = ("low", "medium", "high")
+ROLES = ("system", "developer", "user", "assistant", "tool")
+DEFAULT_IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
+DEFAULT_KNOWLEDGE_CUTOFF = "2024-06"
+
+_HEADER_WORD = re.compile(r"[A-Za-z0-9_.:/\-]+")
+_TOOL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+_TEXT_SPECIAL = re.compile(
+    r"(<\|(?:start|end|message|channel|constrain|return|call|endoftext|startoftext|endofprompt"
+    r"|reserved_\d+)\|>)"
+)
+_Seg = tuple[bool, str]  # (is a special token, text)
+
+
+@dataclass(frozen=True)
+class Message:
+    """One harmony message. Tool results: role "tool", `name` the tool ("functions.get_weather").
+    `content_type` is what follows <|constrain|> in the header, e.g. "json"."""
+
+    role: str
+    content: str
+    channel: str | None = None
+    recipient: str | None = None
+    content_type: str | None = None
+    name: str | None = None
+
+    @classmethod
+    def tool_call(cls, name: str, arguments: Any, *, channel: str = "commentary") -> Message:
+        args = arguments if isinstance(arguments, str) else json.dumps(arguments)
+        recipient = name if "." in name else f"functions.{name}"
+        return cls("assistant", args, channel=channel, recipient=recipient, content_type="json")
+
+    @classmethod
+    def tool_result(cls, name: str, content: str) -> Message:
+        full = name if "." in name else f"functions.{name}"
+        return cls("tool", content, channel="commentary", recipient="assistant", name=full)
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A function tool; `parameters` is a JSON schema of the single argument object."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    recipient: str
+    raw: str
+    arguments: Any = None
+    content_type: str | None = None
+    channel: str | None = None
+    error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.recipient.removeprefix("functions.")
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class ParsedReply:
+    """A parsed completion. `final` is None when no final-channel message was written; it never
+    contains analysis or commentary text. `stop_reason`: "return", "call", "endoftext", "end"
+    (input ended between messages) or "truncated" (input ended inside a message)."""
+
+    messages: list[Message]
+    final: str | None
+    reasoning: str
+    commentary: str
+    tool_calls: list[ToolCall]
+    stop_reason: str
+    partial: Message | None = None
+    issues: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.stop_reason in ("return", "call")
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def system_text(
+    *,
+    reasoning_effort: str = "medium",
+    model_identity: str = DEFAULT_IDENTITY,
+    knowledge_cutoff: str | None = DEFAULT_KNOWLEDGE_CUTOFF,
+    current_date: str | None = None,
+    has_tools: bool = False,
+) -> str:
+    if reasoning_effort not in REASONING_EFFORTS:
+        raise HarmonyError(
+            f"reasoning_effort {reasoning_effort!r} is not one of {', '.join(REASONING_EFFORTS)}"
+        )
+    top = [model_identity]
+    if knowledge_cutoff:
+        top.append(f"Knowledge cutoff: {knowledge_cutoff}")
+    if current_date:
+        top.append(f"Current date: {current_date}")
+    channels = (
+        "# Valid channels: analysis, commentary, final. "
+        "Channel must be included for every message."
+    )
+    if has_tools:
+        channels += "\nCalls to these tools must go to the commentary channel: 'functions'."
+    return "\n\n".join(["\n".join(top), f"Reasoning: {reasoning_effort}", channels])
+
+
+def developer_text(*, instructions: str | None, tools: Sequence[ToolSpec] | None) -> str | None:
+    sections = []
+    if instructions:
+        sections += ["# Instructions", instructions]
+    if tools:
+        sections.append(tools_text(tools))
+    return "\n\n".join(sections) or None
+
+
+def tools_text(tools: Sequence[ToolSpec]) -> str:
+    """The `# Tools` section: a TypeScript-like `namespace functions { ... }` declaration."""
+    lines = ["## functions\n", "namespace functions {\n"]
+    seen = set()
+    for t in tools:
+        if not _TOOL_NAME.fullmatch(t.name) or t.name in seen:
+            raise HarmonyError(
+                f"tool name {t.name!r} is invalid or repeated; use unique names of letters, digits "
+                "and underscores"
+            )
+        seen.add(t.name)
+        lines += [f"// {line}" for line in t.description.splitlines()]
+        params = t.parameters or {}
+        if params.get("properties"):
+            lines.append(f"type {t.name} = (_: {schema_to_typescript(params)}) => any;\n")
+        else:
+            lines.append(f"type {t.name} = () => any;\n")
+    lines.append("} // namespace functions")
+    return "# Tools\n\n" + "\n".join(lines)
+
+
+def schema_to_typescript(schema: Any, indent: str = "") -> str:
+    """A JSON schema as the TypeScript-like type gpt-oss was trained to read."""
+    if not isinstance(schema, dict):
+        return "any"
+    for key in ("oneOf", "anyOf"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            return " | ".join(schema_to_typescript(s, indent) for s in schema[key])
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return " | ".join(json.dumps(v) for v in schema["enum"])
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        return " | ".join(schema_to_typescript({"type": k}, indent) for k in kind)
+    if kind == "object" or "properties" in schema:
+        props = schema.get("properties") or {}
+        if not props:
+            return "object"
+        required = set(schema.get("required") or [])
+        lines = ["{"]
+        for key, sub in props.items():
+            sub = sub if isinstance(sub, dict) else {}
+            lines += [f"{indent}// {line}" for line in str(sub.get("description", "")).splitlines()]
+            typ = schema_to_typescript(sub, indent + "    ")
+            if sub.get("nullable") and "null" not in typ:
+                typ += " | null"
+            line = f"{indent}{key}{'' if key in required else '?'}: {typ},"
+            if "default" in sub:
+                d = sub["default"]
+                shown = d if isinstance(d, str) and "enum" in sub else json.dumps(d)
+                line += f" // default: {shown}"
+            lines.append(line)
+        return "\n".join([*lines, f"{indent}}}"])
+    if kind == "array":
+        item = schema_to_typescript(schema["items"], indent) if "items" in schema else "any"
+        return f"({item})[]" if " | " in item else f"{item}[]"
+    return {"string": "string", "number": "number", "integer": "number", "boolean": "boolean",
+            "null": "null"}.get(kind, "any")  # fmt: skip
+
+
+def _header_word(value: str, what: str) -> str:
+    if not _HEADER_WORD.fullmatch(value):
+        raise HarmonyError(
+            f"{what} {value!r} cannot go in a message header; use letters, digits and . _ - : /"
+        )
+    return value
+
+
+def _message_segments(m: Message, *, stop: str | None = None) -> list[_Seg]:
+    if m.role not in ROLES:
+        raise HarmonyError(f"unknown role {m.role!r}; use one of {', '.join(ROLES)}")
+    if not isinstance(m.content, str):
+        raise HarmonyError(f"{m.role} message content must be str, got {type(m.content).__name__}")
+    segs: list[_Seg] = [(True, START)]
+    if m.role == "tool":
+        if not m.name:
+            raise HarmonyError("a tool message needs name=, e.g. 'functions.get_weather'")
+        recipient = _header_word(m.recipient or "assistant", "recipient")
+        segs += [(False, f"{_header_word(m.name, 'tool name')} to={recipient}")]
+        segs += [(True, CHANNEL), (False, _header_word(m.channel or "commentary", "channel"))]
+    elif m.role == "assistant":
+        if m.channel not in CHANNELS:
+            raise HarmonyError(
+                f"assistant message channel {m.channel!r} must be one of {', '.join(CHANNELS)}"
+            )
+        segs += [(False, "assistant"), (True, CHANNEL), (False, m.channel)]
+        if m.recipient:
+            segs.append((False, f" to={_header_word(m.recipient, 'recipient')}"))
+    else:
+        if m.channel or m.recipient:
+            raise HarmonyError(f"{m.role} messages take no channel or recipient")
+        segs.append((False, m.role))
+    if m.content_type:
+        segs += [(False, " "), (True, CONSTRAIN), (False, _header_word(m.content_type, "type"))]
+    segs += [(True, MESSAGE), (False, m.content)]
+    default_stop = CALL if m.role == "assistant" and m.recipient else END
+    segs.append((True, stop or default_stop))
+    return segs
+
+
+def _conversation_segments(
+    messages: Sequence[Message],
+    *,
+    reasoning_effort: str,
+    tools: Sequence[ToolSpec] | None,
+    instructions: str | None,
+    model_identity: str,
+    knowledge_cutoff: str | None,
+    current_date: str | None,
+    drop_past_analysis: bool,
+) -> list[_Seg]:
+    body = []
+    for m in messages:
+        if m.role == "system":
+            raise HarmonyError(
+                "pass reasoning_effort=, current_date= etc. instead of a system message; the "
+                "system message is built from them"
+            )
+        if m.role == "developer":
+            if instructions is not None:
+                raise HarmonyError("give instructions either as instructions= or as a developer "
+                                   "message, not both")  # fmt: skip
+            instructions = m.content
+            continue
+        body.append(m)
+    if drop_past_analysis:
+        # Reasoning of turns that already ended in a final answer is not shown to the model again.
+        last_final = max(
+            (i for i, m in enumerate(body) if m.role == "assistant" and m.channel == "final"),
+            default=-1,
+        )
+        body = [
+            m
+            for i, m in enumerate(body)
+            if not (i < last_final and m.role == "assistant" and m.channel == "analysis")
+        ]
+    system = system_text(
+        reasoning_effort=reasoning_effort,
+        model_identity=model_identity,
+        knowledge_cutoff=knowledge_cutoff,
+        current_date=current_date,
+        has_tools=bool(tools),
+    )
+    segs = _message_segments(Message("system", system))
+    developer = developer_text(instructions=instructions, tools=tools)
+    if developer:
+        segs += _message_segments(Message("developer", developer))
+    for m in body:
+        segs += _message_segments(m)
+    return [*segs, (True, START), (False, "assistant")]
+
+
+def render_conversation(
+    messages: Sequence[Message],
+    *,
+    reasoning_effort: str = "medium",
+    tools: Sequence[ToolSpec] | None = None,
+    instructions: str | None = None,
+    model_identity: str = DEFAULT_IDENTITY,
+    knowledge_cutoff: str | None = DEFAULT_KNOWLEDGE_CUTOFF,
+    current_date: str | None = None,
+    drop_past_analysis: bool = True,
+) -> str:
+    """The prompt as text, ending with `<|start|>assistant`. For the model use `render_ids`: text
+    that happens to contain special-token strings is only safe once encoded as ordinary text."""
+    segs = _conversation_segments(
+        messages,
+        reasoning_effort=reasoning_effort,
+        tools=tools,
+        instructions=instructions,
+        model_identity=model_identity,
+        knowledge_cutoff=knowledge_cutoff,
+        current_date=current_date,
+        drop_past_analysis=drop_past_analysis,
+    )
+    return "".join(text for _, text in segs)
+
+
+def render_ids(
+    tokenizer: Tokenizer,
+    messages: Sequence[Message],
+    *,
+    reasoning_effort: str = "medium",
+    tools: Sequence[ToolSpec] | None = None,
+    instructions: str | None = None,
+    model_identity: str = DEFAULT_IDENTITY,
+    knowledge_cutoff: str | None = DEFAULT_KNOWLEDGE_CUTOFF,
+    current_date: str | None = None,
+    drop_past_analysis: bool = True,
+) -> list[int]:
+    """The prompt of `render_conversation` as token ids. Special tokens come from the tokenizer by
+    name; message text is encoded as ordinary text, so it never becomes a special token."""
+    segs = _conversation_segments(
+        messages,
+        reasoning_effort=reasoning_effort,
+        tools=tools,
+        instructions=instructions,
+        model_identity=model_identity,
+        knowledge_cutoff=knowledge_cutoff,
+        current_date=current_date,
+        drop_past_analysis=drop_past_analysis,
+    )
+    return _segments_to_ids(tokenizer, segs)
+
+
+def render_completion(messages: Sequence[Message]) -> str:
+    """Assistant messages as the model writes them after `<|start|>assistant`: the last one ends
+    in <|call|> (tool call) or <|return|>. Useful for tests and training targets."""
+    return "".join(text for _, text in _completion_segments(messages))
+
+
+def render_completion_ids(tokenizer: Tokenizer, messages: Sequence[Message]) -> list[int]:
+    return _segments_to_ids(tokenizer, _completion_segments(messages))
+
+
+def _completion_segments(messages: Sequence[Message]) -> list[_Seg]:
+    segs: list[_Seg] = []
+    for n, m in enumerate(messages):
+        if m.role != "assistant":
+            raise HarmonyError(f"a completion holds assistant messages only, got {m.role!r}")
+        last = n == len(messages) - 1
+        stop = None if not last or m.recipient else RETURN
+        segs += _message_segments(m, stop=stop)[2 if n == 0 else 0 :]  # drop <|start|>assistant
+    return segs
+
+
+def _segments_to_ids(tokenizer: Tokenizer, segs: list[_Seg]) -> list[int]:
+    ids: list[int] = []
+    for special, text in segs:
+        if special:
+            ids.append(tokenizer.special(text))
+        elif text:
+            ids += tokenizer.encode(text)
+    return ids
+
+
+_PARSER_NAMES = ("Delta", "StreamParser", "parse_completion")
+
+
+def __getattr__(name: str) -> Any:
+    # The parser lives in harmony_parse.py (which imports this module); re-exported lazily here.
+    if name in _PARSER_NAMES:
+        from ossedge.runtime import harmony_parse
+
+        return getattr(harmony_parse, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "CHANNELS",
+    "REASONING_EFFORTS",
+    "Delta",
+    "Message",
+    "ParsedReply",
+    "StreamParser",
+    "ToolCall",
+    "ToolSpec",
+    "developer_text",
+    "parse_completion",
+    "render_completion",
+    "render_completion_ids",
+    "render_conversation",
+    "render_ids",
+    "schema_to_typescript",
+    "system_text",
+    "tools_text",
+]

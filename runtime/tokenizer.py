@@ -1,0 +1,285 @@
+"""The o200k_harmony tokenizer (a `tokenizer.json` beside the checkpoint), an incremental decoder
+that never splits a UTF-8 character, and a synthetic tokenizer with the real special-token
+layout."""
+
+from __future__ import annotations
+
+import codecs
+import json
+import threading
+from collections.abc import Iterable
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+import tokenizers
+
+from ossedge.runtime.errors import TokenizerError
+
+# GPT-4o (o200k) pre-tokenizer regex, as in the released tokenizer.json.
+SPLIT_PATTERN = "|".join(
+    [
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"\p{N}{1,3}",
+        r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
+        r"\s*[\r\n]+",
+        r"\s+(?!\S)",
+        r"\s+",
+    ]
+)
+
+# Offsets from the first special id (199998 in gpt-oss); every other slot is <|reserved_ID|>.
+SPECIAL_OFFSETS: dict[str, int] = {
+    "<|startoftext|>": 0,
+    "<|endoftext|>": 1,
+    "<|return|>": 4,
+    "<|constrain|>": 5,
+    "<|channel|>": 7,
+    "<|start|>": 8,
+    "<|end|>": 9,
+    "<|message|>": 10,
+    "<|call|>": 14,
+}
+# The released tokenizer.json names id 200018 <|endofprompt|> (inherited from o200k_base).
+_FULL_EXTRA = {"<|endofprompt|>": 20}
+FULL_SPECIAL_COUNT = 1090  # ids 199998..201087
+SMALL_SPECIAL_COUNT = 16
+MIN_FULL_BASE = 512  # below this many ordinary tokens, use the compact 16-slot layout
+BYTE_ALPHABET = 256
+
+EOS_NAMES = ("<|return|>", "<|endoftext|>", "<|call|>")
+PAD_NAME = "<|endoftext|>"
+BOS_NAME = "<|startoftext|>"
+CORPUS_RESOURCE = "data/synth_corpus.txt"
+
+
+@cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2 byte-level table, inverted: printable bytes map to themselves, the rest to 256+n."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars = list(printable)
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` with harmony-safe encoding: `encode` treats special-token strings
+    in text as ordinary text; only `encode_with_special` turns them into special ids."""
+
+    def __init__(self, backend: tokenizers.Tokenizer, *, source: str = "<memory>") -> None:
+        self.backend = backend
+        self.source = source
+        self._lock = threading.Lock()
+        added = backend.get_added_tokens_decoder()
+        self._special_by_name = {t.content: i for i, t in added.items() if t.special}
+        self._special_ids = frozenset(self._special_by_name.values())
+        self._added_ids = frozenset(added)
+        self._byte_level = isinstance(backend.decoder, tokenizers.decoders.ByteLevel)
+        self._bytes_cache: dict[int, bytes] = {}
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        """Load `tokenizer.json` from a checkpoint directory (or the file itself)."""
+        p = Path(path)
+        file = p / "tokenizer.json" if p.is_dir() else p
+        if not file.is_file():
+            raise TokenizerError(
+                f"{file}: tokenizer.json not found; pass the checkpoint directory that ships "
+                "tokenizer.json (copy it from the original checkpoint, or re-run `ossedge synth`)"
+            )
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+            raise TokenizerError(
+                f"{file}: cannot parse tokenizer.json ({e}); the file is corrupt or truncated, "
+                "copy it again from the original checkpoint"
+            ) from e
+        return cls(backend, source=str(file))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text to ids; `<|start|>` and friends in `text` stay ordinary text."""
+        with self._lock:
+            self.backend.encode_special_tokens = True
+            try:
+                return self.backend.encode(text, add_special_tokens=False).ids
+            finally:
+                self.backend.encode_special_tokens = False
+
+    def encode_with_special(self, text: str) -> list[int]:
+        """Text to ids, recognizing special-token strings. Never use on untrusted text."""
+        with self._lock:
+            return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
+        ids = self._check_ids(ids)
+        return self.backend.decode(ids, skip_special_tokens=skip_special)
+
+    def special(self, name: str) -> int:
+        """Id of a special token looked up by name, e.g. `special("<|start|>")`."""
+        try:
+            return self._special_by_name[name]
+        except KeyError:
+            raise TokenizerError(
+                f"{self.source}: special token {name!r} is missing; this tokenizer.json is not "
+                "o200k_harmony (use the tokenizer.json shipped with the gpt-oss checkpoint)"
+            ) from None
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special_ids
+
+    def special_name(self, token_id: int) -> str | None:
+        """The special token's name for `token_id`, or None for ordinary tokens."""
+        return self.backend.id_to_token(token_id) if token_id in self._special_ids else None
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes a token stands for (part of a UTF-8 character for some tokens)."""
+        b = self._bytes_cache.get(token_id)
+        if b is not None:
+            return b
+        self._check_ids([token_id])
+        if token_id in self._added_ids or not self._byte_level:
+            b = self.backend.decode([token_id], skip_special_tokens=False).encode()
+        else:
+            table = _byte_decoder()
+            token = self.backend.id_to_token(token_id) or ""
+            b = b"".join(bytes([table[c]]) if c in table else c.encode() for c in token)
+        self._bytes_cache[token_id] = b
+        return b
+
+    def stream_decoder(self, *, skip_special: bool = False) -> StreamDecoder:
+        return StreamDecoder(self, skip_special=skip_special)
+
+    def _check_ids(self, ids: Iterable[int]) -> list[int]:
+        ids = [int(i) for i in ids]
+        v = self.vocab_size
+        bad = [i for i in ids if not 0 <= i < v]
+        if bad:
+            raise TokenizerError(
+                f"token id {bad[0]} is outside the vocabulary [0, {v}) of {self.source}; the model "
+                "and tokenizer.json do not belong together"
+            )
+        return ids
+
+
+class StreamDecoder:
+    """Incremental decoding: `feed(ids)` returns the text completed so far, holding back the bytes
+    of a UTF-8 character split across tokens; `flush()` returns what is left."""
+
+    def __init__(self, tokenizer: Tokenizer, *, skip_special: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special = skip_special
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, ids: int | Iterable[int]) -> str:
+        ids = [ids] if isinstance(ids, int) else ids
+        tok = self.tokenizer
+        data = b"".join(
+            tok.token_bytes(i) for i in ids if not (self.skip_special and tok.is_special(i))
+        )
+        return self._utf8.decode(data)
+
+    def flush(self) -> str:
+        """End of stream: a dangling partial character becomes U+FFFD."""
+        out = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        return out
+
+
+def special_ids(tokenizer: Tokenizer | tokenizers.Tokenizer) -> dict[str, int]:
+    """The harmony special tokens, name → id; raises TokenizerError naming any that is missing."""
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+    return {name: tok.special(name) for name in SPECIAL_OFFSETS}
+
+
+def generation_ids(tokenizer: Tokenizer | tokenizers.Tokenizer) -> dict[str, int | list[int]]:
+    """`generation_config.json` token ids, looked up by name: eos = <|return|>, <|endoftext|>,
+    <|call|>; pad = <|endoftext|>; bos = <|startoftext|>."""
+    ids = special_ids(tokenizer)
+    return {
+        "bos_token_id": ids[BOS_NAME],
+        "eos_token_id": [ids[n] for n in EOS_NAMES],
+        "pad_token_id": ids[PAD_NAME],
+    }
+
+
+def special_layout(vocab_size: int) -> dict[int, str]:
+    """id → name of every special token of a synthetic vocabulary of `vocab_size`: the last 1090
+    ids as in gpt-oss (199998..201087 for 201088), or the last 16 for small test vocabularies."""
+    full_base = vocab_size - FULL_SPECIAL_COUNT
+    if full_base >= MIN_FULL_BASE:
+        base, count, names = full_base, FULL_SPECIAL_COUNT, SPECIAL_OFFSETS | _FULL_EXTRA
+    elif vocab_size - SMALL_SPECIAL_COUNT >= BYTE_ALPHABET:
+        base, count, names = vocab_size - SMALL_SPECIAL_COUNT, SMALL_SPECIAL_COUNT, SPECIAL_OFFSETS
+    else:
+        raise ValueError(
+            f"vocab_size {vocab_size} is too small for a byte-level tokenizer; it needs at least "
+            f"{BYTE_ALPHABET + SMALL_SPECIAL_COUNT} (256 bytes + 16 special tokens)"
+        )
+    by_offset = {o: n for n, o in names.items()}
+    return {base + o: by_offset.get(o, f"<|reserved_{base + o}|>") for o in range(count)}
+
+
+def build_synthetic_tokenizer(vocab_size: int) -> tokenizers.Tokenizer:
+    """A deterministic byte-level BPE tokenizer of exactly `vocab_size` ids in the form of
+    o200k_harmony's tokenizer.json, trained on a small English corpus. Ordinary ids the corpus
+    cannot fill are placeholders `<unused_ID>` that no merge produces (they still decode)."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+
+    specials = special_layout(vocab_size)
+    base = min(specials)
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=base,
+        min_frequency=1,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+        special_tokens=[],
+    )
+    corpus = resources.files("ossedge.runtime").joinpath(CORPUS_RESOURCE).read_text("utf-8")
+    tok.train_from_iterator([corpus], trainer=trainer)
+    spec = json.loads(tok.to_str())
+    vocab: dict[str, int] = spec["model"]["vocab"]
+    if len(vocab) > base or sorted(vocab.values()) != list(range(len(vocab))):
+        raise RuntimeError(f"BPE training gave {len(vocab)} ids with gaps; expected ≤ {base}")
+    for i in range(len(vocab), base):
+        vocab[f"<unused_{i}>"] = i
+    if len(vocab) != base:
+        raise RuntimeError("a placeholder token collided with a trained token")
+    # tokenizers renumbers added tokens to follow the model vocabulary in list order, ignoring
+    # the ids written here; listing them in id order after exactly `base` model ids keeps them.
+    spec["added_tokens"] = [
+        {
+            "id": i,
+            "content": name,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for i, name in sorted(specials.items())
+    ]
+    out = tokenizers.Tokenizer.from_str(json.dumps(spec, ensure_ascii=False))
+    wrong = [(n, i) for i, n in specials.items() if out.token_to_id(n) != i]
+    if wrong or out.get_vocab_size(with_added_tokens=True) != vocab_size:
+        raise RuntimeError(f"special tokens landed on the wrong ids: {wrong[:3]}")
+    return out
