@@ -183,6 +183,12 @@ def chat(
             on_reasoning=lambda piece: click.echo(click.style(piece, dim=True), nl=False, err=True),
         )
         click.echo()
+        if not reply.final:
+            click.echo(
+                f"[no final answer: {reply.meta.get('new_tokens', 0)} tokens, stop: "
+                f"{reply.stop_reason}; --show-reasoning shows the analysis channel]",
+                err=True,
+            )
         messages.extend(reply.messages)
 
 

@@ -40,6 +40,8 @@ HF_FIXED_KEYS = {
     "attention_bias": True,
     "hidden_act": "silu",
     "tie_word_embeddings": False,
+    # Written by transformers 5 (`save_pretrained`); the model hard-codes this SwiGLU alpha.
+    "swiglu_alpha": 1.702,
 }
 ORIGINAL_KEYS = frozenset(
     {

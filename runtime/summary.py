@@ -106,6 +106,13 @@ def _human(n: float) -> str:
     raise AssertionError
 
 
+def _count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return str(int(n))
+
+
 def format_summary(s: dict[str, Any]) -> str:
     c = s["config"]
     lines = [
@@ -115,15 +122,15 @@ def format_summary(s: dict[str, Any]) -> str:
         f"hidden {c['hidden_size']}, heads {c['heads']}q/{c['kv_heads']}kv x {c['head_dim']}",
         f"  experts {c['experts']} (top-{c['experts_per_token']}), intermediate "
         f"{c['intermediate_size']}, vocab {c['vocab_size']}, context {c['max_context']}, {c['rope']}",
-        f"  parameters {s['parameters']['total'] / 1e9:.3f} B total, "
-        f"{s['parameters']['active'] / 1e9:.3f} B active per token",
+        f"  parameters {_count(s['parameters']['total'])} total, "
+        f"{_count(s['parameters']['active'])} active per token (embedding lookup excluded)",
         "  bytes by dtype: "
         + ", ".join(f"{k} {_human(v)}" for k, v in sorted(s["bytes_by_dtype"].items())),
     ]
     m = s["mxfp4"]
     if m:
         lines.append(
-            f"  mxfp4: {m['tensors']} tensors, {m['values'] / 1e9:.3f} G values, "
+            f"  mxfp4: {m['tensors']} tensors, {_count(m['values'])} values, "
             f"{_human(m['bytes'])} ({m['bits_per_weight']:.2f} bits/weight), scale exponents "
             f"{m['scale_exponent_min']}..{m['scale_exponent_max']}"
         )

@@ -7,6 +7,7 @@ original layouts of one seed hold identical weights. Tensors are produced in row
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from ossedge.quantize import mxfp4
 from ossedge.runtime.atomic import atomic_dir
 from ossedge.runtime.checkpoint import INDEX_FILE, TensorSpec, expected_tensors, original_name
-from ossedge.runtime.config import GptOssConfig, preset
+from ossedge.runtime.config import GptOssConfig, config_from_original_dict, preset
 from ossedge.runtime.safetensors_stream import write_streaming
 
 CHUNK_BYTES = 64 << 20
@@ -150,6 +151,8 @@ def synthesize(
     if layout == "original" and expert_format != "mxfp4":
         raise ValueError("the original layout stores experts only as MXFP4")
     cfg = config or preset(preset_name)
+    if layout == "original":
+        _check_original_expressible(cfg)
     tok = build_synthetic_tokenizer(cfg.vocab_size)
     ids = special_ids(tok)
     cfg = cfg.replace(
@@ -193,6 +196,22 @@ def synthesize(
             _write_original(tmp, cfg, specs, counted)
     bar.close()
     return Path(out)
+
+
+def _check_original_expressible(cfg: GptOssConfig) -> None:
+    """OpenAI's config has no truncate, eps or layer_types: refuse what it would silently drop."""
+    want = cfg.replace(eos_token_id=None, pad_token_id=None)
+    back = config_from_original_dict(want.to_original_dict())
+    lost = [
+        f.name
+        for f in dataclasses.fields(want)
+        if f.compare and getattr(back, f.name) != getattr(want, f.name)
+    ]
+    if lost:
+        raise ValueError(
+            f"the original layout cannot express this config ({', '.join(lost)} would change); "
+            "use layout='hf'"
+        )
 
 
 def _write_hf(tmp: Path, cfg: GptOssConfig, specs, counted, shard_bytes: int) -> None:
