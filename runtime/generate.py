@@ -1,12 +1,12 @@
 """The generation loop: prefill the prompt in one call, then decode one token per call with the
 model's KV cache; and one harmony chat turn on top of it.
 
-The model contract: `cache = model.new_cache(batch_size=1)`; `model(ids[B, T], cache=cache)` →
-logits [B, T, V], continuing from where the cache is; `model.config.max_position_embeddings`."""
+The model contract: `cache = model.new_cache(batch_size=1)`; `model(ids[B, T], cache=cache,
+last_only=False)` → logits [B, T, V] ([B, 1, V] with last_only), continuing from where the cache
+is; `model.config.max_position_embeddings`."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -77,7 +77,10 @@ def stop_ids_for(checkpoint: str | Path, tokenizer: Tokenizer) -> list[int]:
     for folder in (p, p.parent) if p.is_dir() else (p.parent, p.parent.parent):
         file = folder / "generation_config.json"
         if file.is_file():
-            eos = json.loads(file.read_text()).get("eos_token_id")
+            try:
+                eos = json.loads(file.read_text()).get("eos_token_id")
+            except (json.JSONDecodeError, AttributeError) as e:
+                raise TokenizerError(f"{file}: not a valid generation config ({e})") from None
             ids = [eos] if isinstance(eos, int) else list(eos or [])
             bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < tokenizer.vocab_size]
             if bad:
@@ -88,13 +91,6 @@ def stop_ids_for(checkpoint: str | Path, tokenizer: Tokenizer) -> list[int]:
             if ids:
                 return ids
     return [tokenizer.special(n) for n in EOS_NAMES]
-
-
-def _takes_last_only(model: Any) -> bool:
-    try:
-        return "last_only" in inspect.signature(model.forward).parameters
-    except (AttributeError, TypeError, ValueError):
-        return False
 
 
 class GenerationStream:
@@ -144,12 +140,11 @@ class GenerationStream:
         prefill_s = decode_s = 0.0
         decoder = self.tokenizer.stream_decoder()
         vocab = self.tokenizer.vocab_size
-        last_only = {"last_only": True} if _takes_last_only(self.model) else {}
         t0 = time.perf_counter()
         if self.max_new_tokens > 0:
             cache = self.model.new_cache(batch_size=1)
             x = torch.tensor([self.prompt], dtype=torch.long)
-            logits = self.model(x, cache=cache, **last_only)  # [1, T, V]
+            logits = self.model(x, cache=cache, last_only=True)  # [1, 1, V]
             pos = len(self.prompt)
             t1 = None
             while True:

@@ -25,7 +25,7 @@ class FakeModel:
     """Deterministic logits: after the prompt, generated token k is `plan[k]` by a wide margin
     (`margin`), over seeded noise. Records every call's T so tests can check prefill/decode."""
 
-    def __init__(self, plan, *, vocab=512, limit=4096, margin=20.0, last_only=False) -> None:
+    def __init__(self, plan, *, vocab=512, limit=4096, margin=20.0) -> None:
         self.plan = list(plan)
         self.vocab = vocab
         self.margin = margin
@@ -35,8 +35,6 @@ class FakeModel:
         self.prompt_len = 0
         noise = torch.Generator().manual_seed(0)
         self.noise = torch.randn(64, vocab, generator=noise)
-        if last_only:
-            self.forward = self._forward_last_only
 
     def new_cache(self, *, batch_size: int = 1) -> FakeCache:
         assert batch_size == 1
@@ -45,10 +43,7 @@ class FakeModel:
     def __call__(self, input_ids, **kw):
         return self.forward(input_ids, **kw)
 
-    def forward(self, input_ids, *, cache):
-        return self._logits(input_ids, cache, last_only=False)
-
-    def _forward_last_only(self, input_ids, *, cache, last_only=False):
+    def forward(self, input_ids, *, cache, last_only=False):
         self.last_only_requests.append(last_only)
         return self._logits(input_ids, cache, last_only=last_only)
 
@@ -80,11 +75,10 @@ def plan_text(tok, text):
     return tok.encode(text)
 
 
-@pytest.mark.parametrize("last_only", [False, True], ids=["full-logits", "last-only"])
-def test_greedy_follows_plan_and_stops_on_stop_id(tok, last_only):
+def test_greedy_follows_plan_and_stops_on_stop_id(tok):
     body = plan_text(tok, "Hello there, friend 🎉")
     stop = tok.special("<|return|>")
-    model = FakeModel([*body, stop, 7, 8], last_only=last_only)
+    model = FakeModel([*body, stop, 7, 8])
     prompt = tok.encode("Say hi")
     seen = []
     res = generate(
@@ -102,7 +96,7 @@ def test_greedy_follows_plan_and_stops_on_stop_id(tok, last_only):
     assert [i for i, _ in seen] == body and "".join(t for _, t in seen) == res.text
     assert res.prefill_tok_s > 0 and res.decode_tok_s > 0
     assert model.calls == [len(prompt)] + [1] * len(body)  # prefill once, then one per token
-    assert model.last_only_requests[:1] == ([True] if last_only else [])
+    assert model.last_only_requests[:1] == [True]  # prefill asks for the last position only
     assert res.prompt_tokens == len(prompt) and res.sampled_tokens == len(body) + 1
     assert res.prefill_s > 0 and res.decode_s > 0
 
