@@ -16,7 +16,7 @@ import torch
 pytestmark = pytest.mark.slow
 
 RSS_LIMIT_SYNTH = 2e9
-RSS_LIMIT_MODEL = 14e9
+RSS_LIMIT_MODEL = 14e9  # bf16 compute
 
 
 @pytest.fixture(scope="module")
@@ -45,22 +45,41 @@ def test_20b_validates_and_counts(ckpt: Path) -> None:
     assert len(s["files"]) > 1  # sharded with an index
 
 
-def test_20b_decode_matches_forward_within_bounded_memory(ckpt: Path) -> None:
-    code = f"""
+def _run(code: str) -> list[str]:
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return p.stdout.split()
+
+
+def test_20b_bf16_runs_within_bounded_memory(ckpt: Path) -> None:
+    out = _run(f"""
 import torch
 from ossedge.runtime import load_model
 from ossedge.benchmarks.rss import proc_status
 m = load_model({str(ckpt)!r}, dtype=torch.bfloat16)
-ids = torch.randint(0, 190000, (1, 6), generator=torch.Generator().manual_seed(0))
-full = m(ids).float()
+ids = torch.randint(0, 190000, (1, 16), generator=torch.Generator().manual_seed(0))
 cache = m.new_cache()
-steps = [m(ids[:, :4], cache=cache), m(ids[:, 4:5], cache=cache), m(ids[:, 5:6], cache=cache)]
-inc = torch.cat(steps, 1).float()
-assert torch.isfinite(full).all()
-rel = ((inc - full).norm() / full.norm()).item()
-print(rel, proc_status()["VmHWM"])
-"""
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    rel, peak = p.stdout.split()[-2:]
-    assert float(rel) < 0.02  # bf16 compute: different summation orders, same model
-    assert int(peak) <= RSS_LIMIT_MODEL
+logits = [m(ids, cache=cache, last_only=True)]
+for _ in range(2):
+    logits.append(m(logits[-1][:, -1:].argmax(-1), cache=cache))
+print(all(bool(torch.isfinite(x).all()) for x in logits), proc_status()["VmHWM"])
+""")
+    assert out[-2] == "True"
+    assert int(out[-1]) <= RSS_LIMIT_MODEL
+
+
+def test_20b_cached_decode_equals_forward_fp32(ckpt: Path) -> None:
+    # fp32: with random (uncorrelated) experts, bf16 rounding flips near-tied routing choices and
+    # the difference cascades over 24 layers, so bf16 cannot show consistency at this size.
+    out = _run(f"""
+import torch
+from ossedge.runtime import load_model
+m = load_model({str(ckpt)!r}, dtype=torch.float32)
+ids = torch.randint(0, 190000, (1, 6), generator=torch.Generator().manual_seed(0))
+full = m(ids)
+cache = m.new_cache()
+inc = torch.cat([m(ids[:, :4], cache=cache), m(ids[:, 4:5], cache=cache),
+                 m(ids[:, 5:6], cache=cache)], 1)
+print(max(((inc[0, i] - full[0, i]).norm() / full[0, i].norm()).item() for i in range(6)))
+""")
+    assert float(out[-1]) < 1e-3
