@@ -184,9 +184,10 @@ def chat(
         )
         click.echo()
         if not reply.final:
+            hint = "" if show_reasoning else "; --show-reasoning shows the analysis channel"
             click.echo(
                 f"[no final answer: {reply.meta.get('new_tokens', 0)} tokens, stop: "
-                f"{reply.stop_reason}; --show-reasoning shows the analysis channel]",
+                f"{reply.stop_reason}{hint}]",
                 err=True,
             )
         messages.extend(reply.messages)
