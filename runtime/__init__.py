@@ -1,5 +1,12 @@
 """The reference runtime: config, checkpoints, the torch model, generation and chat."""
 
-from ossedge.runtime.model import GptOssModel, load_model
-
 __all__ = ["GptOssModel", "load_model"]
+
+
+def __getattr__(name: str):
+    # Lazy, so importing a light submodule (errors, config) does not load torch and the model.
+    if name in __all__:
+        from ossedge.runtime import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'ossedge.runtime' has no attribute {name!r}")

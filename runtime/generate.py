@@ -181,25 +181,6 @@ class GenerationStream:
         )
 
 
-def stream_generate(
-    model: Any,
-    tokenizer: Tokenizer,
-    prompt_ids: Sequence[int],
-    *,
-    max_new_tokens: int,
-    sampler: Sampler,
-    stop_ids: Iterable[int],
-) -> GenerationStream:
-    return GenerationStream(
-        model,
-        tokenizer,
-        prompt_ids,
-        max_new_tokens=max_new_tokens,
-        sampler=sampler,
-        stop_ids=stop_ids,
-    )
-
-
 def generate(
     model: Any,
     tokenizer: Tokenizer,
@@ -214,7 +195,7 @@ def generate(
     """Generate until a stop id (not included in the result), `max_new_tokens`, or a full context
     window. `on_token(id, text)` is called for each generated token, `on_text(text)` for each
     non-empty piece of text (a character split across tokens arrives whole)."""
-    stream = stream_generate(
+    stream = GenerationStream(
         model,
         tokenizer,
         prompt_ids,

@@ -6,10 +6,10 @@ import torch
 from ossedge.runtime.errors import TokenizerError
 from ossedge.runtime.generate import (
     ContextLimitError,
+    GenerationStream,
     chat_turn,
     generate,
     stop_ids_for,
-    stream_generate,
 )
 from ossedge.runtime.harmony import Message, render_completion_ids, render_ids
 from ossedge.runtime.sampling import Sampler
@@ -130,7 +130,7 @@ def test_seeded_sampling_is_reproducible(tok):
 def test_stream_yields_the_same_as_generate(tok):
     plan = plan_text(tok, "stream me please")
     stop = tok.special("<|endoftext|>")
-    stream = stream_generate(FakeModel([*plan, stop]), tok, [9], max_new_tokens=50,
+    stream = GenerationStream(FakeModel([*plan, stop]), tok, [9], max_new_tokens=50,
                              sampler=Sampler(temperature=0), stop_ids=[stop])  # fmt: skip
     steps = list(stream)
     assert [s.id for s in steps] == plan
