@@ -121,6 +121,7 @@ def generate(ckpt, prompt, max_new_tokens, temperature, top_p, top_k, seed, dtyp
     prompt_ids = tok.encode(prompt)
     if not prompt_ids:
         raise click.BadParameter("the prompt is empty", param_hint="--prompt")
+    stop_ids = stop_ids_for(ckpt, tok)  # before any output: a bad config fails cleanly
     click.echo(prompt, nl=False)
     result = run(
         model,
@@ -128,7 +129,7 @@ def generate(ckpt, prompt, max_new_tokens, temperature, top_p, top_k, seed, dtyp
         prompt_ids,
         max_new_tokens=max_new_tokens,
         sampler=sampler,
-        stop_ids=stop_ids_for(ckpt, tok),
+        stop_ids=stop_ids,
         on_text=lambda piece: click.echo(piece, nl=False),
     )
     click.echo()

@@ -83,6 +83,13 @@ def test_unknown_config_key(tiny: Path) -> None:
     assert_one_line_error(p, "num_hiden_layers", "config.json")
 
 
+def test_corrupt_generation_config_prints_nothing(tiny: Path) -> None:
+    (tiny / "generation_config.json").write_text("{")
+    p = run("generate", str(tiny), "--prompt", "hi", "--max-new-tokens", "2")
+    assert_one_line_error(p, "generation_config.json")
+    assert p.stdout == ""
+
+
 def test_debug_shows_traceback(tmp_path: Path) -> None:
     p = run("--debug", "inspect", str(tmp_path / "nope"))
     assert p.returncode == 1 and "Traceback" in p.stderr
