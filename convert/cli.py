@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from ossedge import __version__
+from ossedge.quantize.recipes import DEFAULT_RECIPE, RECIPES
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
@@ -82,14 +83,28 @@ def _sampler(temperature: float, top_k: int | None, top_p: float | None, seed: i
         raise click.BadParameter(str(e)) from None
 
 
-def _load(ckpt: Path, dtype: str):
-    from ossedge.runtime import load_model
+def _model_path(ckpt: Path | None) -> Path:
+    """CKPT, or the bundled trained tiny model when none is given."""
+    if ckpt is not None:
+        return ckpt
+    from ossedge.assets import default_model_dir
+
+    return default_model_dir()
+
+
+def _tokenizer_dir(ckpt: Path) -> Path:
     from ossedge.runtime.checkpoint import detect_layout
-    from ossedge.runtime.tokenizer import Tokenizer
 
     root, _ = detect_layout(ckpt)
-    tokenizer = Tokenizer.from_dir(root if (root / "tokenizer.json").exists() else root.parent)
-    return load_model(ckpt, dtype=_dtype(dtype)), tokenizer
+    return root if (root / "tokenizer.json").exists() else root.parent
+
+
+def _load(ckpt: Path, dtype: str, *, verify: bool = False):
+    from ossedge.runtime import load_model
+    from ossedge.runtime.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(_tokenizer_dir(ckpt))
+    return load_model(ckpt, dtype=_dtype(dtype), verify=verify), tokenizer
 
 
 sampling_options = [
@@ -109,13 +124,16 @@ def with_sampling(f):
 
 
 @cli.command()
-@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.argument("ckpt", type=click.Path(path_type=Path), required=False)
 @click.option("--prompt", required=True, help="Text to continue.")
 @with_sampling
 def generate(ckpt, prompt, max_new_tokens, temperature, top_p, top_k, seed, dtype) -> None:
-    """Continue PROMPT with the reference runtime, streaming the text to stdout."""
+    """Continue PROMPT with the reference runtime, streaming the text to stdout.
+
+    CKPT is a checkpoint or quantized checkpoint; without it, the bundled tiny trained model."""
     from ossedge.runtime.generate import generate as run, stop_ids_for
 
+    ckpt = _model_path(ckpt)
     sampler = _sampler(temperature, top_k, top_p, seed)
     model, tok = _load(ckpt, dtype)
     prompt_ids = tok.encode(prompt)
@@ -141,7 +159,7 @@ def generate(ckpt, prompt, max_new_tokens, temperature, top_p, top_k, seed, dtyp
 
 
 @cli.command()
-@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.argument("ckpt", type=click.Path(path_type=Path), required=False)
 @click.option(
     "--reasoning-effort", type=click.Choice(["low", "medium", "high"]), default="medium",
     show_default=True,
@@ -153,10 +171,13 @@ def chat(
     ckpt, reasoning_effort, show_reasoning, instructions, max_new_tokens, temperature, top_p,
     top_k, seed, dtype,
 ) -> None:
-    """Chat in the harmony format. One user message per line; Ctrl-D or /exit ends."""
+    """Chat in the harmony format. One user message per line; Ctrl-D or /exit ends.
+
+    CKPT is a checkpoint or quantized checkpoint; without it, the bundled tiny trained model."""
     from ossedge.runtime.generate import chat_turn
     from ossedge.runtime.harmony import Message
 
+    ckpt = _model_path(ckpt)
     sampler = _sampler(temperature, top_k, top_p, seed)
     model, tok = _load(ckpt, dtype)
     interactive = sys.stdin.isatty()
@@ -192,6 +213,105 @@ def chat(
                 err=True,
             )
         messages.extend(reply.messages)
+
+
+@cli.command()
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True)
+@click.option(
+    "--recipe",
+    type=click.Choice(list(RECIPES)),
+    default=DEFAULT_RECIPE,
+    show_default=True,
+    help="; ".join(f"{r.name}: {r.description}" for r in RECIPES.values()),
+)
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def quantize(ckpt: Path, out: Path, recipe: str, force: bool) -> None:
+    """Write CKPT quantized with a recipe to OUT (safetensors + manifest.json), streaming."""
+    import time
+
+    from ossedge.runtime.quantized import quantize_checkpoint, read_manifest
+
+    start = time.perf_counter()
+    path = quantize_checkpoint(ckpt, out, recipe=recipe, force=force, progress=_progress())
+    m = read_manifest(path)
+    by_format = ", ".join(f"{f} {_gb(n)}" for f, n in sorted(m["bytes_by_format"].items()))
+    click.echo(
+        f"wrote {path} (recipe {recipe}): {_gb(m['total_bytes'])} in {len(m['files'])} files "
+        f"[{by_format}] in {time.perf_counter() - start:.1f} s"
+    )
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+@cli.command(name="eval")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--reference", type=click.Path(path_type=Path), required=True,
+    help="The checkpoint MODEL is compared with (usually the one it was quantized from).",
+)
+@click.option(
+    "--text", type=click.Path(path_type=Path, dir_okay=False), default=None,
+    help="UTF-8 text to evaluate on [default: the packaged held-out Python text].",
+)
+@click.option("--window", type=click.IntRange(min=2), default=256, show_default=True)
+@click.option(
+    "--max-tokens", type=click.IntRange(min=2), default=None,
+    help="Evaluate only the first N tokens of the text.",
+)
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def eval_(model, reference, text, window, max_tokens, dtype, as_json) -> None:
+    """Perplexity, KL divergence and top-1 agreement of MODEL against the reference CKPT."""
+    from ossedge.runtime.evaluate import default_text, describe, evaluate
+    from ossedge.runtime.quantized import sha256_file
+
+    if text is None:
+        body, label = default_text()
+    else:
+        try:
+            body, label = text.read_text("utf-8"), str(text)
+        except (OSError, UnicodeDecodeError) as e:
+            raise click.BadParameter(f"cannot read {text} as UTF-8 text ({e})", param_hint="--text")
+    tok_dirs = [_tokenizer_dir(p) for p in (model, reference)]
+    files = [d / "tokenizer.json" for d in tok_dirs]
+    if all(f.is_file() for f in files) and sha256_file(files[0]) != sha256_file(files[1]):
+        from ossedge.runtime.errors import TokenizerError
+
+        raise TokenizerError(
+            f"{files[0]} and {files[1]} differ: MODEL and --reference must share a tokenizer"
+        )
+    ref, tok = _load(reference, dtype, verify=True)
+    mdl, _ = _load(model, dtype, verify=True)
+    if mdl.config.vocab_size != ref.config.vocab_size:
+        from ossedge.runtime.errors import ConfigError
+
+        raise ConfigError(
+            f"{model} has vocab_size {mdl.config.vocab_size}, {reference} has "
+            f"{ref.config.vocab_size}: they are not the same model family"
+        )
+    ids = tok.encode(body)[:max_tokens]
+    if len(ids) < 2:
+        raise click.BadParameter(f"{label} has fewer than 2 tokens", param_hint="--text")
+    r = evaluate(mdl, ref, ids, window=window, progress=_progress())
+    result = {"model": describe(model), "reference": describe(reference), "text": label, **r}
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    m = result["model"]
+    recipe = f", recipe {m['recipe']}" if "recipe" in m else ""
+    rel = r["perplexity_model"] / r["perplexity_reference"] - 1
+    click.echo(f"model       {model} ({m['layout']}{recipe})")
+    click.echo(f"reference   {reference} ({result['reference']['layout']})")
+    click.echo(f"text        {label}: {r['tokens_scored']} tokens scored in {r['windows']} "
+               f"windows of {window}")
+    click.echo(f"perplexity  model {r['perplexity_model']:.3f}  reference "
+               f"{r['perplexity_reference']:.3f}  ({rel:+.2%})")
+    click.echo(f"KL(ref||model)  mean {r['kl_mean']:.5f}  median {r['kl_median']:.5f}  "
+               f"p99 {r['kl_p99']:.5f}  max {r['kl_max']:.5f}")
+    click.echo(f"top-1 agreement {r['top1_agreement']:.2%}   [{r['seconds']:.1f} s]")
 
 
 def main() -> None:

@@ -91,8 +91,24 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(*packed.shape[:-1], -1)
 
 
-def quantize_int4(w: torch.Tensor, *, group: int = 32, symmetric: bool = True) -> Int4:
-    """w [N, K] → int4 with one scale (and zero point) per `group` consecutive inputs."""
+def _stored_scale(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Scales as they will be stored (e.g. fp16), back in fp32: codes are computed against the
+    stored scale, so decoding reproduces exactly what the encoder rounded to."""
+    if dtype == torch.float32:
+        return s
+    info = torch.finfo(dtype)
+    return s.clamp(min=info.tiny, max=info.max).to(dtype).to(torch.float32)
+
+
+def quantize_int4(
+    w: torch.Tensor,
+    *,
+    group: int = 32,
+    symmetric: bool = True,
+    scale_dtype: torch.dtype = torch.float32,
+) -> Int4:
+    """w [N, K] → int4 with one scale (and zero point) per `group` consecutive inputs. Scales are
+    kept in `scale_dtype` (fp16 is what XNNPACK and Core ML consume)."""
     _check_2d(w, "int4 quantization")
     if group not in INT4_GROUPS:
         raise ValueError(f"int4 group size must be one of {INT4_GROUPS}, got {group}")
@@ -101,17 +117,17 @@ def quantize_int4(w: torch.Tensor, *, group: int = 32, symmetric: bool = True) -
         raise ValueError(f"int4 group {group} does not divide the input dimension {k}")
     g = k // group
     packed = torch.empty(n, k // 2, dtype=torch.uint8)
-    scale = torch.empty(n, g, dtype=torch.float32)
+    scale = torch.empty(n, g, dtype=scale_dtype)
     zero = None if symmetric else torch.empty(n, g, dtype=torch.uint8)
     for a, b in _row_chunks(n, k):
         x = w[a:b].to(torch.float32).reshape(b - a, g, group)  # [n, G, group]
         if symmetric:
-            s = (x.abs().amax(dim=2) / 7).clamp_(min=_TINY)
+            s = _stored_scale((x.abs().amax(dim=2) / 7).clamp_(min=_TINY), scale_dtype)
             q = torch.round(x / s[..., None]).clamp_(-8, 7) + 8  # offset binary in the nibble
         else:
             lo = x.amin(dim=2).clamp(max=0)  # the grid always holds 0 exactly
             hi = x.amax(dim=2).clamp(min=0)
-            s = ((hi - lo) / 15).clamp_(min=_TINY)
+            s = _stored_scale(((hi - lo) / 15).clamp_(min=_TINY), scale_dtype)
             z = torch.round(-lo / s).clamp_(0, 15)
             q = (torch.round(x / s[..., None]) + z[..., None]).clamp_(0, 15)
             zero[a:b] = z.to(torch.uint8)
@@ -130,5 +146,6 @@ def dequantize_int4(q: Int4, *, dtype: torch.dtype = torch.float32) -> torch.Ten
     for a, b in _row_chunks(n, k):
         codes = unpack_nibbles(q.packed[a:b]).to(torch.float32).reshape(b - a, g, q.group)
         offset = 8.0 if q.zero is None else q.zero[a:b].to(torch.float32)[..., None]
-        out[a:b] = ((codes - offset) * q.scale[a:b, :, None]).reshape(b - a, k).to(dtype)
+        scale = q.scale[a:b, :, None].to(torch.float32)
+        out[a:b] = ((codes - offset) * scale).reshape(b - a, k).to(dtype)
     return out

@@ -12,9 +12,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ossedge.quantize import mxfp4
+from ossedge.quantize.qtensor import QTensor
 from ossedge.runtime.config import GptOssConfig, load_config
 from ossedge.runtime.errors import CheckpointError, ConfigError
 
@@ -43,6 +46,7 @@ ORIGINAL_RENAMES: tuple[tuple[str, str], ...] = (
     (r"block\.(\d+)\.mlp\.mlp2_bias", r"model.layers.\1.mlp.experts.down_proj_bias"),
 )
 QKV_RE = re.compile(r"block\.(\d+)\.attn\.qkv\.(weight|bias)")
+EXPERT_WEIGHT_RE = re.compile(r"model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)")
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,19 @@ def expected_tensors(cfg: GptOssConfig, *, expert_format: str = "mxfp4") -> list
     return specs
 
 
+def logical_tensors(cfg: GptOssConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """Every weight of the model as (logical name, shape), whatever its storage: canonical names,
+    except that each expert weight is one entry `...experts.gate_up_proj` [E, N, K] (outputs,
+    inputs), however the file holds it (MXFP4 parts, or HF's dense [E, K, N])."""
+    out = []
+    for spec in expected_tensors(cfg, expert_format="dense"):
+        shape = spec.shape
+        if EXPERT_WEIGHT_RE.fullmatch(spec.name):
+            shape = (shape[0], shape[2], shape[1])
+        out.append((spec.name, shape))
+    return out
+
+
 def original_name(canonical: str) -> str:
     """Inverse of the rename table (qkv parts map to the fused tensor's name)."""
     m = re.fullmatch(r"model\.layers\.(\d+)\.self_attn\.[qkv]_proj\.(weight|bias)", canonical)
@@ -151,13 +168,15 @@ class Checkpoint:
         self._handles: dict[Path, object] = {}
         raw = self._read_headers()
         self._entries = self._canonicalize(raw)
-        self.expert_format = (
-            "mxfp4"
-            if any(k.endswith("gate_up_proj_blocks") for k in self._entries)
-            else "dense"
-        )
-        self.specs = {s.name: s for s in expected_tensors(cfg, expert_format=self.expert_format)}
+        self.expert_format = self._expert_format()
+        self.specs = {s.name: s for s in self._expected()}
         self._validate()
+
+    def _expert_format(self) -> str:
+        return "mxfp4" if any(k.endswith("gate_up_proj_blocks") for k in self._entries) else "dense"
+
+    def _expected(self) -> list[TensorSpec]:
+        return expected_tensors(self.config, expert_format=self.expert_format)
 
     # -- reading -------------------------------------------------------------------------------
     def _handle(self, path: Path):
@@ -183,7 +202,7 @@ class Checkpoint:
         return entries
 
     def _canonicalize(self, raw: dict[str, _Entry]) -> dict[str, _Entry]:
-        if self.layout == "hf":
+        if self.layout != "original":
             return raw
         out: dict[str, _Entry] = {}
         cfg = self.config
@@ -211,7 +230,7 @@ class Checkpoint:
     def _validate(self) -> None:
         for name, spec in self.specs.items():
             entry = self._entries.get(name)
-            shown = name if self.layout == "hf" else original_name(name)
+            shown = original_name(name) if self.layout == "original" else name
             if entry is None:
                 raise CheckpointError(
                     f"{self.root}: tensor {shown} is missing; the checkpoint is incomplete or not "
@@ -254,6 +273,47 @@ class Checkpoint:
         except SafetensorError as err:
             raise CheckpointError(f"{e.file}: cannot read tensor {e.key} ({err})") from None
 
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor read into fresh memory with plain file reads. Streaming a checkpoint through
+        `read` keeps the RSS bounded: pages touched through `get`'s mapping stay resident."""
+        if name not in self.specs:
+            raise KeyError(name)
+        e = self._entries[name]
+        data_start, header = self._header(e.file)
+        dtype, shape, (start, stop) = header[e.key]
+        buf = np.empty(stop - start, dtype=np.uint8)
+        with open(e.file, "rb") as f:
+            f.seek(data_start + start)
+            if f.readinto(memoryview(buf)) != buf.nbytes:
+                raise CheckpointError(f"{e.file}: tensor {e.key} is truncated; copy the file again")
+        t = torch.from_numpy(buf).view(_DTYPES[dtype]).reshape(shape)
+        if e.part is None:
+            return t
+        cfg = self.config
+        start_row = {"q": 0, "k": cfg.q_size, "v": cfg.q_size + cfg.kv_size}[e.part]
+        return t[start_row : start_row + e.shape[0]].clone()
+
+    def _header(self, path: Path) -> tuple[int, dict[str, tuple[str, list[int], list[int]]]]:
+        """(offset of the data, key → (dtype, shape, data offsets)) of one safetensors file."""
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            raw = json.loads(f.read(n))
+        raw.pop("__metadata__", None)
+        return 8 + n, {k: (v["dtype"], v["shape"], v["data_offsets"]) for k, v in raw.items()}
+
+    def weight(self, name: str, *, copy: bool = False) -> torch.Tensor | QTensor:
+        """A weight by logical name (see `logical_tensors`): expert weights come as [E, N, K],
+        a QTensor over the MXFP4 bytes or a transposed view of HF's dense [E, K, N].
+        `copy` reads with `read` instead of mapping."""
+        get = self.read if copy else self.get
+        if not EXPERT_WEIGHT_RE.fullmatch(name):
+            return get(name)
+        if self.expert_format == "dense":
+            return get(name).transpose(1, 2)
+        blocks, scales = get(name + "_blocks"), get(name + "_scales")
+        shape = (*scales.shape[:-1], scales.shape[-1] * mxfp4.BLOCK)
+        return QTensor("mxfp4", tuple(shape), {"blocks": blocks, "scales": scales})
+
     def nbytes(self, name: str) -> int:
         e = self._entries[name]
         return e.dtype.itemsize * int(torch.Size(e.shape).numel())
@@ -281,12 +341,15 @@ def _hf_files(root: Path) -> list[Path]:
 
 
 def detect_layout(path: str | Path) -> tuple[Path, str]:
-    """(directory, 'hf' | 'original') for a checkpoint directory, its `original/`, or a file in it."""
+    """(directory, 'hf' | 'original' | 'quantized') for a checkpoint directory, its `original/`,
+    or a file in it."""
     root = Path(path)
     if not root.exists():
         raise CheckpointError(f"{root}: no such file or directory; give a checkpoint directory")
     if root.is_file():
         root = root.parent
+    if (root / "manifest.json").is_file() and (root / "config.json").is_file():
+        return root, "quantized"
     if (root / "config.json").exists():
         try:
             d = json.loads((root / "config.json").read_text())
@@ -303,9 +366,15 @@ def detect_layout(path: str | Path) -> tuple[Path, str]:
     raise CheckpointError(f"{root}: no config.json; is this a gpt-oss checkpoint directory?")
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
+def open_checkpoint(path: str | Path, *, verify: bool = False) -> Checkpoint:
+    """Open and validate a checkpoint: HF, original, or ossedge-quantized (whose sha256 checksums
+    are also checked when `verify`; sizes always are)."""
     root, layout = detect_layout(path)
     cfg = load_config(root / "config.json")
+    if layout == "quantized":
+        from ossedge.runtime.quantized import QuantizedCheckpoint
+
+        return QuantizedCheckpoint(root, cfg, verify=verify)
     files = _hf_files(root) if layout == "hf" else sorted(root.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{root}: no *.safetensors files; is this a checkpoint directory?")

@@ -1,8 +1,10 @@
 """The gpt-oss reference model in torch: the numerical ground truth for every artifact.
 
 RMSNorm in fp32; attention with q/k/v/o biases, GQA, learned sinks and sliding windows; YaRN
-RoPE honouring `truncate`; top-k MoE with clamped, interleaved SwiGLU. Experts stay packed (MXFP4
-bytes, memory-mapped): only the selected experts are decoded, at each step.
+RoPE honouring `truncate`; top-k MoE with clamped, interleaved SwiGLU. Quantized weights stay as
+stored (MXFP4 or int4 experts, int4/int8 linear layers and embedding, memory-mapped) and are decoded
+when used: only the selected experts at each step, the embedding rows looked up, the unembedding in
+row chunks.
 """
 
 from __future__ import annotations
@@ -14,13 +16,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ossedge.quantize import mxfp4
+from ossedge.quantize.qtensor import QTensor
 from ossedge.runtime.cache import KVCache
-from ossedge.runtime.checkpoint import Checkpoint, open_checkpoint
+from ossedge.runtime.checkpoint import open_checkpoint
 from ossedge.runtime.config import GptOssConfig
 
 SWIGLU_ALPHA = 1.702
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
+LINEAR_CHUNK_ROWS = 16384  # decode a quantized unembedding this many rows at a time
+Weight = torch.Tensor | QTensor
+
+
+def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for a plain or quantized weight [N, K]; large quantized weights are decoded in
+    row chunks so a 201088-row unembedding never exists in full precision."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, b)
+    n = w.shape[0]
+    if n <= LINEAR_CHUNK_ROWS:
+        return F.linear(x, w.dequantize(x.dtype), b)
+    out = torch.cat(
+        [F.linear(x, w[a : a + LINEAR_CHUNK_ROWS].dequantize(x.dtype)) for a in range(0, n, LINEAR_CHUNK_ROWS)],
+        dim=-1,
+    )
+    return out if b is None else out + b
+
+
+def _keep(module: nn.Module, tensors: dict[str, Weight]) -> None:
+    """Plain tensors become (non-persistent) buffers, quantized weights plain attributes."""
+    for name, value in tensors.items():
+        if isinstance(value, torch.Tensor):
+            module.register_buffer(name, value, persistent=False)
+        else:
+            setattr(module, name, value)
 
 
 def yarn_inv_freq(cfg: GptOssConfig) -> torch.Tensor:
@@ -72,8 +100,7 @@ class Attention(nn.Module):
         self.cfg = cfg
         self.layer = layer
         self.sliding = cfg.is_sliding(layer)
-        for name, value in t.items():
-            self.register_buffer(name, value, persistent=False)
+        _keep(self, t)
 
     def forward(
         self, x: torch.Tensor, pos: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache
@@ -82,9 +109,9 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         kv, d = cfg.num_key_value_heads, cfg.head_dim
         g = cfg.num_attention_heads // kv
-        q = F.linear(x, self.q_w, self.q_b).view(b, t, kv * g, d)
-        k = F.linear(x, self.k_w, self.k_b).view(b, t, kv, d)
-        v = F.linear(x, self.v_w, self.v_b).view(b, t, kv, d)
+        q = linear(x, self.q_w, self.q_b).view(b, t, kv * g, d)
+        k = linear(x, self.k_w, self.k_b).view(b, t, kv, d)
+        v = linear(x, self.v_w, self.v_b).view(b, t, kv, d)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, KV, T, D]
         if cache is None:
@@ -101,34 +128,31 @@ class Attention(nn.Module):
         probs = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1]
         out = torch.einsum("bkgts,bksd->bkgtd", probs.to(values.dtype), values)
         out = out.permute(0, 3, 1, 2, 4).reshape(b, t, kv * g * d)
-        return F.linear(out, self.o_w, self.o_b)
+        return linear(out, self.o_w, self.o_b)
 
 
 class Experts(nn.Module):
-    """Router plus experts. MXFP4 experts are kept as their uint8 bytes; dense (dequantized HF)
-    experts as stored, [E, in, out]. A selected expert is decoded when it is used."""
+    """Router plus experts. Expert weights are [E, N, K]: quantized ones (MXFP4 or int4 bytes)
+    stay as stored and a selected expert is decoded when it is used; dense ones are views."""
 
-    def __init__(self, cfg: GptOssConfig, t: dict[str, torch.Tensor], *, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: GptOssConfig, t: dict[str, Weight], *, dtype: torch.dtype) -> None:
         super().__init__()
         self.cfg = cfg
         self.dtype = dtype
-        self.packed = "gate_up_blocks" in t
-        for name, value in t.items():
-            self.register_buffer(name, value, persistent=False)
+        _keep(self, t)
 
     def _weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(W1 [2I, H], W2 [H, I]) of expert e in the compute dtype."""
-        if self.packed:
-            w1 = mxfp4.dequantize(self.gate_up_blocks[e], self.gate_up_scales[e], dtype=self.dtype)
-            w2 = mxfp4.dequantize(self.down_blocks[e], self.down_scales[e], dtype=self.dtype)
-            return w1, w2
-        return self.gate_up[e].t().to(self.dtype), self.down[e].t().to(self.dtype)
+        return tuple(
+            w[e].dequantize(self.dtype) if isinstance(w, QTensor) else w[e].to(self.dtype)
+            for w in (self.gate_up, self.down)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, H] N=tokens
-        logits = F.linear(x, self.router_w, self.router_b)  # [N, E]
+        logits = linear(x, self.router_w, self.router_b)  # [N, E]
         top_v, top_i = torch.topk(logits, cfg.num_experts_per_tok, dim=-1)  # [N, K]
         weights = torch.softmax(top_v.float(), dim=-1).to(x.dtype)
         out = torch.zeros_like(x)
@@ -167,9 +191,9 @@ class GptOssModel(nn.Module):
         self,
         cfg: GptOssConfig,
         blocks: list[Block],
-        embed: torch.Tensor,
+        embed: Weight,
         norm: torch.Tensor,
-        lm_head: torch.Tensor,
+        lm_head: Weight,
         *,
         dtype: torch.dtype,
     ) -> None:
@@ -177,9 +201,7 @@ class GptOssModel(nn.Module):
         self.config = cfg
         self.dtype = dtype
         self.blocks = nn.ModuleList(blocks)
-        self.register_buffer("embed", embed, persistent=False)  # kept as stored: a lookup
-        self.register_buffer("norm", norm, persistent=False)
-        self.register_buffer("lm_head", lm_head, persistent=False)
+        _keep(self, {"embed": embed, "norm": norm, "lm_head": lm_head})  # embed kept as stored
 
     def new_cache(self, *, batch_size: int = 1, max_context: int | None = None) -> KVCache:
         return KVCache(self.config, batch_size=batch_size, dtype=self.dtype, max_context=max_context)
@@ -198,7 +220,10 @@ class GptOssModel(nn.Module):
         else:
             pos = cache.positions(t)
         rope = rope_tables(self.config, pos)
-        x = F.embedding(input_ids, self.embed).to(self.dtype)
+        if isinstance(self.embed, QTensor):
+            x = self.embed.rows(input_ids, self.dtype)
+        else:
+            x = F.embedding(input_ids, self.embed).to(self.dtype)
         for n, block in enumerate(self.blocks):
             x = block(x, pos, rope, None if cache is None else cache.layers[n])
         if cache is not None:
@@ -206,7 +231,7 @@ class GptOssModel(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = rms_norm(x, self.norm, self.config.rms_norm_eps)
-        return F.linear(x, self.lm_head)
+        return linear(x, self.lm_head)
 
 
 _ATTN = {
@@ -223,47 +248,46 @@ _ATTN = {
 _MLP = {
     "router_w": "mlp.router.weight",
     "router_b": "mlp.router.bias",
+    "gate_up": "mlp.experts.gate_up_proj",
     "gate_up_b": "mlp.experts.gate_up_proj_bias",
+    "down": "mlp.experts.down_proj",
     "down_b": "mlp.experts.down_proj_bias",
 }
-_MLP_PACKED = {
-    "gate_up_blocks": "mlp.experts.gate_up_proj_blocks",
-    "gate_up_scales": "mlp.experts.gate_up_proj_scales",
-    "down_blocks": "mlp.experts.down_proj_blocks",
-    "down_scales": "mlp.experts.down_proj_scales",
-}
-_MLP_DENSE = {"gate_up": "mlp.experts.gate_up_proj", "down": "mlp.experts.down_proj"}
 
 
-def build_model(ckpt: Checkpoint, *, dtype: torch.dtype = torch.float32) -> GptOssModel:
-    """Assemble the model from a validated checkpoint, one tensor at a time. Float tensors are
-    cast to `dtype` (no copy when already in it); expert bytes and the embedding stay mapped."""
+def build_model(ckpt, *, dtype: torch.dtype = torch.float32) -> GptOssModel:
+    """Assemble the model from a validated checkpoint (plain or quantized), one weight at a time.
+    Float tensors are cast to `dtype` (no copy when already in it); quantized weights, expert
+    bytes and the embedding stay mapped as stored."""
     if dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute dtype must be one of {COMPUTE_DTYPES}, got {dtype}")
     cfg = ckpt.config
 
-    def cast(name: str) -> torch.Tensor:
-        return ckpt.get(name).to(dtype)
+    def weight(name: str, *, cast: bool = True) -> Weight:
+        w = ckpt.weight(name)
+        return w.to(dtype) if cast and isinstance(w, torch.Tensor) else w
 
     blocks = []
     for n in range(cfg.num_hidden_layers):
         p = f"model.layers.{n}."
-        attn = Attention(cfg, n, {k: cast(p + v) for k, v in _ATTN.items()})
-        mlp_t = {k: cast(p + v) for k, v in _MLP.items()}
-        raw = _MLP_PACKED if ckpt.expert_format == "mxfp4" else _MLP_DENSE
-        mlp_t.update({k: ckpt.get(p + v) for k, v in raw.items()})
-        norms = (cast(p + "input_layernorm.weight"), cast(p + "post_attention_layernorm.weight"))
-        blocks.append(Block(attn, Experts(cfg, mlp_t, dtype=dtype), norms))
+        attn = Attention(cfg, n, {k: weight(p + v) for k, v in _ATTN.items()})
+        # dense experts stay in their stored dtype: a selected expert is cast when used
+        mlp = {k: weight(p + v, cast=k not in ("gate_up", "down")) for k, v in _MLP.items()}
+        norms = (weight(p + "input_layernorm.weight"), weight(p + "post_attention_layernorm.weight"))
+        blocks.append(Block(attn, Experts(cfg, mlp, dtype=dtype), norms))
     return GptOssModel(
         cfg,
         blocks,
-        ckpt.get("model.embed_tokens.weight"),
-        cast("model.norm.weight"),
-        cast("lm_head.weight"),
+        weight("model.embed_tokens.weight", cast=False),
+        weight("model.norm.weight"),
+        weight("lm_head.weight"),
         dtype=dtype,
     ).eval()
 
 
-def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32) -> GptOssModel:
-    """Open, validate and load a gpt-oss checkpoint (HF or original layout) for inference."""
-    return build_model(open_checkpoint(path), dtype=dtype)
+def load_model(
+    path: str | Path, *, dtype: torch.dtype = torch.float32, verify: bool = False
+) -> GptOssModel:
+    """Open, validate and load a gpt-oss checkpoint (HF, original or ossedge-quantized layout;
+    `verify` also checks a quantized checkpoint's sha256 checksums)."""
+    return build_model(open_checkpoint(path, verify=verify), dtype=dtype)

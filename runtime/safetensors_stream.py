@@ -29,8 +29,10 @@ def write_streaming(
     chunks: Callable[[str], Iterable[torch.Tensor]],
     *,
     metadata: dict[str, str] | None = None,
+    digest=None,
 ) -> int:
     """Write `tensors` (name, shape, dtype) to `path`, pulling each one's bytes from `chunks(name)`.
+    `digest` (a hashlib object) is fed every byte of the file as it is written.
 
     Returns the number of data bytes written. Raises ValueError if a tensor's chunks do not add up.
     """
@@ -42,9 +44,14 @@ def write_streaming(
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    def write(f, data) -> None:
+        f.write(data)
+        if digest is not None:
+            digest.update(data)
+
     with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
+        write(f, len(raw).to_bytes(8, "little"))
+        write(f, raw)
         for name, shape, dtype in tensors:
             want = dtype.itemsize * math.prod(shape)
             got = 0
@@ -52,7 +59,7 @@ def write_streaming(
                 if chunk.dtype != dtype:
                     raise ValueError(f"{name}: chunk dtype {chunk.dtype}, expected {dtype}")
                 data = chunk.contiguous().view(torch.uint8).numpy()
-                f.write(memoryview(data))
+                write(f, memoryview(data))
                 got += data.nbytes
             if got != want:
                 raise ValueError(f"{name}: wrote {got} bytes, expected {want}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -9,24 +10,20 @@ from typing import Any
 import torch
 
 from ossedge.quantize import mxfp4
-from ossedge.runtime.checkpoint import open_checkpoint
+from ossedge.runtime.checkpoint import logical_tensors, open_checkpoint
 
 
-def parameter_counts(ckpt) -> tuple[int, int]:
-    """(total, active per token). MXFP4 bytes hold two weights each. Active counts the top-k
-    experts and excludes the embedding lookup, as OpenAI counts (3.6 B for gpt-oss-20b)."""
-    cfg = ckpt.config
+def parameter_counts(cfg) -> tuple[int, int]:
+    """(total, active per token), from the logical shapes: the same for every storage format.
+    Active counts the top-k experts and excludes the embedding lookup, as OpenAI counts (3.6 B
+    for gpt-oss-20b)."""
     total = expert = 0
-    for name in ckpt.names():
-        n = torch.Size(ckpt.entry(name).shape).numel()
-        if name.endswith("_scales"):
-            continue
-        if name.endswith("_blocks"):
-            n *= 2
+    for name, shape in logical_tensors(cfg):
+        n = math.prod(shape)
         total += n
         if ".mlp.experts." in name:
             expert += n
-    embed = torch.Size(ckpt.entry("model.embed_tokens.weight").shape).numel()
+    embed = cfg.vocab_size * cfg.hidden_size
     inactive = expert * (cfg.num_local_experts - cfg.num_experts_per_tok) // cfg.num_local_experts
     return total, total - inactive - embed
 
@@ -62,12 +59,13 @@ def mxfp4_census(ckpt, *, sample_codes: bool = True) -> dict[str, Any] | None:
 
 
 def summarize(path: str | Path) -> dict[str, Any]:
-    ckpt = open_checkpoint(path)
+    """Everything `inspect` reports. A quantized checkpoint's sha256 checksums are verified."""
+    ckpt = open_checkpoint(path, verify=True)
     cfg = ckpt.config
     by_dtype: Counter[str] = Counter()
     for name in ckpt.names():
         by_dtype[str(ckpt.entry(name).dtype).removeprefix("torch.")] += ckpt.nbytes(name)
-    total, active = parameter_counts(ckpt)
+    total, active = parameter_counts(cfg)
     sliding = sum(cfg.is_sliding(n) for n in range(cfg.num_hidden_layers))
     return {
         "path": str(ckpt.root),
@@ -94,7 +92,20 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "parameters": {"total": total, "active": active},
         "bytes_by_dtype": dict(by_dtype),
         "mxfp4": mxfp4_census(ckpt),
-        "validation": f"ok: {len(ckpt.names())} tensors present with the expected shapes and dtypes",
+        "quantization": _quantization(ckpt),
+        "validation": f"ok: {len(ckpt.names())} tensors present with the expected shapes and dtypes"
+        + ("; every sha256 matches the manifest" if ckpt.layout == "quantized" else ""),
+    }
+
+
+def _quantization(ckpt) -> dict[str, Any] | None:
+    if ckpt.layout != "quantized":
+        return None
+    m = ckpt.manifest
+    return {
+        "recipe": ckpt.recipe,
+        "tensors_by_format": dict(Counter(ckpt.formats.values())),
+        "bytes_by_format": m.get("bytes_by_format", {}),
     }
 
 
@@ -133,6 +144,15 @@ def format_summary(s: dict[str, Any]) -> str:
             f"  mxfp4: {m['tensors']} tensors, {_count(m['values'])} values, "
             f"{_human(m['bytes'])} ({m['bits_per_weight']:.2f} bits/weight), scale exponents "
             f"{m['scale_exponent_min']}..{m['scale_exponent_max']}"
+        )
+    q = s.get("quantization")
+    if q:
+        lines.append(
+            f"  recipe {q['recipe']}: "
+            + ", ".join(
+                f"{f} {n} tensors {_human(q['bytes_by_format'].get(f, 0))}"
+                for f, n in sorted(q["tensors_by_format"].items())
+            )
         )
     lines.append(f"  validation: {s['validation']}")
     return "\n".join(lines)

@@ -3,34 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from clitools import assert_one_line_error, run
 from safetensors.torch import load_file, save_file
 
 from ossedge.runtime.synth import synthesize
-
-
-def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "ossedge", *args],
-        capture_output=True,
-        text=True,
-        input=stdin,
-        timeout=300,
-    )
-
-
-def assert_one_line_error(p: subprocess.CompletedProcess, *needles: str, code: int = 1) -> None:
-    assert p.returncode == code, (p.returncode, p.stderr)
-    assert "Traceback" not in p.stderr
-    lines = [line for line in p.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, p.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture
