@@ -83,3 +83,32 @@ inc = torch.cat([m(ids[:, :4], cache=cache), m(ids[:, 4:5], cache=cache),
 print(max(((inc[0, i] - full[0, i]).norm() / full[0, i].norm()).item() for i in range(6)))
 """)
     assert float(out[-1]) < 1e-3
+
+
+RSS_LIMIT_QUANTIZE = 3e9
+
+
+def test_20b_quantize_mobile_streams(ckpt: Path, tmp_path: Path) -> None:
+    """`quantize --recipe mobile` on the 20b: peak RSS ≤ 3 GB, the bytes the recipe predicts, and
+    the result runs in the reference runtime."""
+    out = tmp_path / "20b-mobile"
+    peak = _run(f"""
+import resource
+from ossedge.runtime.quantized import quantize_checkpoint
+quantize_checkpoint({str(ckpt)!r}, {str(out)!r}, recipe="mobile")
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+""")
+    assert int(peak[-1]) <= RSS_LIMIT_QUANTIZE
+    from ossedge.runtime.config import preset
+    from ossedge.runtime.quantized import read_manifest, recipe_bytes
+
+    m = read_manifest(out)
+    predicted = recipe_bytes(preset("20b"), "mobile")["total"]
+    assert sum(t["bytes"] for t in m["tensors"].values()) == predicted
+    finite = _run(f"""
+import torch
+from ossedge.runtime import load_model
+m = load_model({str(out)!r}, dtype=torch.bfloat16)
+print(bool(torch.isfinite(m(torch.tensor([[1, 2, 3]]), last_only=True)).all()))
+""")
+    assert finite[-1] == "True"
