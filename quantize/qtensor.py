@@ -110,7 +110,7 @@ class QTensor:
         return QTensor(self.fmt, (*lead, self.shape[-1]), parts)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        *lead, k = self.shape
+        k = self.shape[-1]
         p = self.parts
         if self.fmt == "mxfp4":
             return mxfp4.dequantize(p["blocks"], p["scales"], dtype=dtype)

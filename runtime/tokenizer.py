@@ -117,6 +117,15 @@ class Tokenizer:
             finally:
                 self.backend.encode_special_tokens = False
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """`encode` of each text, in parallel threads (for corpora: training, evaluation)."""
+        with self._lock:
+            self.backend.encode_special_tokens = True
+            try:
+                return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+            finally:
+                self.backend.encode_special_tokens = False
+
     def encode_with_special(self, text: str) -> list[int]:
         """Text to ids, recognizing special-token strings. Never use on untrusted text."""
         with self._lock:
@@ -214,18 +223,29 @@ def generation_ids(tokenizer: Tokenizer | tokenizers.Tokenizer) -> dict[str, int
     }
 
 
-def special_layout(vocab_size: int) -> dict[int, str]:
+def special_layout(vocab_size: int, *, count: int | None = None) -> dict[int, str]:
     """id → name of every special token of a synthetic vocabulary of `vocab_size`: the last 1090
-    ids as in gpt-oss (199998..201087 for 201088), or the last 16 for small test vocabularies."""
-    full_base = vocab_size - FULL_SPECIAL_COUNT
-    if full_base >= MIN_FULL_BASE:
-        base, count, names = full_base, FULL_SPECIAL_COUNT, SPECIAL_OFFSETS | _FULL_EXTRA
-    elif vocab_size - SMALL_SPECIAL_COUNT >= BYTE_ALPHABET:
-        base, count, names = vocab_size - SMALL_SPECIAL_COUNT, SMALL_SPECIAL_COUNT, SPECIAL_OFFSETS
+    ids as in gpt-oss (199998..201087 for 201088), or the last 16 for small test vocabularies.
+    `count` (FULL_SPECIAL_COUNT or SMALL_SPECIAL_COUNT) forces a layout; by default the vocabulary
+    size picks it. A small trained model forces 16 so its ordinary ids are not spent on reserved
+    slots."""
+    if count is None:
+        full = vocab_size - FULL_SPECIAL_COUNT >= MIN_FULL_BASE
+        count = FULL_SPECIAL_COUNT if full else SMALL_SPECIAL_COUNT
+    if count == FULL_SPECIAL_COUNT:
+        names = SPECIAL_OFFSETS | _FULL_EXTRA
+    elif count == SMALL_SPECIAL_COUNT:
+        names = SPECIAL_OFFSETS
     else:
         raise ValueError(
+            f"special token count {count} is not a harmony layout; use {SMALL_SPECIAL_COUNT} "
+            f"(compact) or {FULL_SPECIAL_COUNT} (as gpt-oss)"
+        )
+    base = vocab_size - count
+    if base < BYTE_ALPHABET:
+        raise ValueError(
             f"vocab_size {vocab_size} is too small for a byte-level tokenizer; it needs at least "
-            f"{BYTE_ALPHABET + SMALL_SPECIAL_COUNT} (256 bytes + 16 special tokens)"
+            f"{BYTE_ALPHABET + count} (256 bytes + {count} special tokens)"
         )
     by_offset = {o: n for n, o in names.items()}
     return {base + o: by_offset.get(o, f"<|reserved_{base + o}|>") for o in range(count)}
@@ -235,9 +255,20 @@ def build_synthetic_tokenizer(vocab_size: int) -> tokenizers.Tokenizer:
     """A deterministic byte-level BPE tokenizer of exactly `vocab_size` ids in the form of
     o200k_harmony's tokenizer.json, trained on a small English corpus. Ordinary ids the corpus
     cannot fill are placeholders `<unused_ID>` that no merge produces (they still decode)."""
+    corpus = resources.files("ossedge.runtime").joinpath(CORPUS_RESOURCE).read_text("utf-8")
+    return train_bpe_tokenizer([corpus], vocab_size)
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int, *, special_count: int | None = None
+) -> tokenizers.Tokenizer:
+    """A byte-level BPE tokenizer of exactly `vocab_size` ids trained on `texts`: o200k's
+    pre-tokenizer regex, the harmony special tokens at the end (`special_layout(vocab_size,
+    count=special_count)`), and `<unused_ID>` placeholders for ordinary ids the texts cannot fill.
+    Deterministic for the same texts in the same order."""
     from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
-    specials = special_layout(vocab_size)
+    specials = special_layout(vocab_size, count=special_count)
     base = min(specials)
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -254,8 +285,7 @@ def build_synthetic_tokenizer(vocab_size: int) -> tokenizers.Tokenizer:
         show_progress=False,
         special_tokens=[],
     )
-    corpus = resources.files("ossedge.runtime").joinpath(CORPUS_RESOURCE).read_text("utf-8")
-    tok.train_from_iterator([corpus], trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     spec = json.loads(tok.to_str())
     vocab: dict[str, int] = spec["model"]["vocab"]
     if len(vocab) > base or sorted(vocab.values()) != list(range(len(vocab))):
