@@ -52,6 +52,7 @@ def _run(code: str) -> list[str]:
 
 def test_20b_bf16_runs_within_bounded_memory(ckpt: Path) -> None:
     out = _run(f"""
+import torch
 from ossedge.runtime import load_model
 from ossedge.benchmarks.rss import proc_status
 m = load_model({str(ckpt)!r}, dtype=torch.bfloat16)
@@ -70,6 +71,7 @@ def test_20b_cached_decode_equals_forward_fp32(ckpt: Path) -> None:
     # fp32: with random (uncorrelated) experts, bf16 rounding flips near-tied routing choices and
     # the difference cascades over 24 layers, so bf16 cannot show consistency at this size.
     out = _run(f"""
+import torch
 from ossedge.runtime import load_model
 m = load_model({str(ckpt)!r}, dtype=torch.float32)
 ids = torch.randint(0, 190000, (1, 6), generator=torch.Generator().manual_seed(0))
@@ -103,6 +105,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     predicted = recipe_bytes(preset("20b"), "mobile")["total"]
     assert sum(t["bytes"] for t in m["tensors"].values()) == predicted
     finite = _run(f"""
+import torch
 from ossedge.runtime import load_model
 m = load_model({str(out)!r}, dtype=torch.bfloat16)
 print(bool(torch.isfinite(m(torch.tensor([[1, 2, 3]]), last_only=True)).all()))
