@@ -37,7 +37,9 @@ def _run_measured(cmd: list[str]) -> tuple[float, int]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", default="out/gpt-oss-20b-synth")
-    p.add_argument("--out-dir", default="out", help="Quantized checkpoints go to OUT_DIR/20b-RECIPE")
+    p.add_argument(
+        "--out-dir", default="out", help="Quantized checkpoints go to OUT_DIR/20b-RECIPE"
+    )
     p.add_argument("--recipe", action="append", help="Recipe(s) to run [default: mobile]")
     p.add_argument("--keep", action="store_true", help="Keep the quantized checkpoints")
     p.add_argument("--smoke-prompt", type=int, default=16)
@@ -53,13 +55,32 @@ def main() -> None:
         subprocess.run(cmd, check=True)
     for recipe in a.recipe or ["mobile"]:
         out = Path(a.out_dir) / f"20b-{recipe}"
-        cmd = [sys.executable, "-m", "ossedge", "quantize", str(ckpt), "-o", str(out),
-               "--recipe", recipe, "--force"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "ossedge",
+            "quantize",
+            str(ckpt),
+            "-o",
+            str(out),
+            "--recipe",
+            recipe,
+            "--force",
+        ]
         seconds, peak = _run_measured(cmd)
         m = read_manifest(out)
-        smoke_cmd = [sys.executable, "-m", "ossedge.benchmarks.reference_20b", "--child", "--ckpt",
-                     str(out), "--prompt-tokens", str(a.smoke_prompt), "--gen-tokens",
-                     str(a.smoke_gen)]
+        smoke_cmd = [
+            sys.executable,
+            "-m",
+            "ossedge.benchmarks.reference_20b",
+            "--child",
+            "--ckpt",
+            str(out),
+            "--prompt-tokens",
+            str(a.smoke_prompt),
+            "--gen-tokens",
+            str(a.smoke_gen),
+        ]
         smoke = subprocess.run(smoke_cmd, check=True, capture_output=True, text=True).stdout
         result = {
             "recipe": recipe,

@@ -43,21 +43,36 @@ def main() -> None:
             out = str(Path(tmp) / name)
             _ossedge("quantize", model, "-o", out, "--recipe", name)
             r = json.loads(_ossedge("eval", out, "--reference", model, *text, "--json"))
-            rows.append({
-                "recipe": name,
-                "bytes_20b": recipe_bytes(cfg20, name)["total"],
-                "bytes_model": r["model"]["bytes"],
-                **{k: r[k] for k in ("perplexity_model", "perplexity_reference", "kl_mean",
-                                     "kl_median", "top1_agreement", "tokens_scored")},
-            })
+            rows.append(
+                {
+                    "recipe": name,
+                    "bytes_20b": recipe_bytes(cfg20, name)["total"],
+                    "bytes_model": r["model"]["bytes"],
+                    **{
+                        k: r[k]
+                        for k in (
+                            "perplexity_model",
+                            "perplexity_reference",
+                            "kl_mean",
+                            "kl_median",
+                            "top1_agreement",
+                            "tokens_scored",
+                        )
+                    },
+                }
+            )
     ref = rows[0]["perplexity_reference"]
-    print(f"Model: {model}; {rows[0]['tokens_scored']} evaluation tokens; unquantized perplexity "
-          f"{ref:.3f}\n")
+    print(
+        f"Model: {model}; {rows[0]['tokens_scored']} evaluation tokens; unquantized perplexity "
+        f"{ref:.3f}\n"
+    )
     print("| recipe | 20b weights | perplexity | KL mean | KL median | top-1 agreement |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| `{r['recipe']}` | {r['bytes_20b'] / 1e9:.2f} GB | {r['perplexity_model']:.3f} | "
-              f"{r['kl_mean']:.5f} | {r['kl_median']:.5f} | {r['top1_agreement']:.2%} |")
+        print(
+            f"| `{r['recipe']}` | {r['bytes_20b'] / 1e9:.2f} GB | {r['perplexity_model']:.3f} | "
+            f"{r['kl_mean']:.5f} | {r['kl_median']:.5f} | {r['top1_agreement']:.2%} |"
+        )
     if a.json:
         print(json.dumps(rows, indent=2))
 

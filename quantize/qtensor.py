@@ -118,7 +118,10 @@ class QTensor:
             out = intq.dequantize_int8(p["q"].reshape(-1, k), p["scale"].reshape(-1), dtype=dtype)
         else:
             packed = intq.Int4(
-                p["q"].reshape(-1, k // 2), p["scale"].reshape(-1, k // INT4_GROUP), None, INT4_GROUP
+                p["q"].reshape(-1, k // 2),
+                p["scale"].reshape(-1, k // INT4_GROUP),
+                None,
+                INT4_GROUP,
             )
             out = intq.dequantize_int4(packed, dtype=dtype)
         return out.reshape(self.shape)

@@ -63,8 +63,11 @@ def summarize_metrics(m: dict[str, torch.Tensor]) -> dict[str, float]:
 
 def windows(n_tokens: int, window: int) -> list[tuple[int, int]]:
     """Non-overlapping [start, stop) windows; a last partial window counts if it predicts one."""
-    return [(a, min(a + window, n_tokens)) for a in range(0, n_tokens, window)
-            if min(a + window, n_tokens) - a >= 2]
+    return [
+        (a, min(a + window, n_tokens))
+        for a in range(0, n_tokens, window)
+        if min(a + window, n_tokens) - a >= 2
+    ]
 
 
 def evaluate(

@@ -35,10 +35,9 @@ def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> torch.T
     n = w.shape[0]
     if n <= LINEAR_CHUNK_ROWS:
         return F.linear(x, w.dequantize(x.dtype), b)
-    out = torch.cat(
-        [F.linear(x, w[a : a + LINEAR_CHUNK_ROWS].dequantize(x.dtype)) for a in range(0, n, LINEAR_CHUNK_ROWS)],
-        dim=-1,
-    )
+    step = LINEAR_CHUNK_ROWS
+    parts = [F.linear(x, w[a : a + step].dequantize(x.dtype)) for a in range(0, n, step)]
+    out = torch.cat(parts, dim=-1)
     return out if b is None else out + b
 
 
@@ -204,7 +203,9 @@ class GptOssModel(nn.Module):
         _keep(self, {"embed": embed, "norm": norm, "lm_head": lm_head})  # embed kept as stored
 
     def new_cache(self, *, batch_size: int = 1, max_context: int | None = None) -> KVCache:
-        return KVCache(self.config, batch_size=batch_size, dtype=self.dtype, max_context=max_context)
+        return KVCache(
+            self.config, batch_size=batch_size, dtype=self.dtype, max_context=max_context
+        )
 
     @torch.inference_mode()
     def forward(
@@ -273,7 +274,8 @@ def build_model(ckpt, *, dtype: torch.dtype = torch.float32) -> GptOssModel:
         attn = Attention(cfg, n, {k: weight(p + v) for k, v in _ATTN.items()})
         # dense experts stay in their stored dtype: a selected expert is cast when used
         mlp = {k: weight(p + v, cast=k not in ("gate_up", "down")) for k, v in _MLP.items()}
-        norms = (weight(p + "input_layernorm.weight"), weight(p + "post_attention_layernorm.weight"))
+        norm_names = ("input_layernorm.weight", "post_attention_layernorm.weight")
+        norms = (weight(p + norm_names[0]), weight(p + norm_names[1]))
         blocks.append(Block(attn, Experts(cfg, mlp, dtype=dtype), norms))
     return GptOssModel(
         cfg,

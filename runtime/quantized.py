@@ -186,7 +186,10 @@ def quantize_checkpoint(
     shards = _shards(plan, shard_bytes)
     files: dict[str, dict[str, Any]] = {}
     bar = tqdm(
-        total=sum(t["bytes"] for t in plan.values()), unit="B", unit_scale=True, desc="quantize",
+        total=sum(t["bytes"] for t in plan.values()),
+        unit="B",
+        unit_scale=True,
+        desc="quantize",
         disable=not progress,
     )
     current: dict[str, Any] = {"name": None, "parts": None}
@@ -205,8 +208,10 @@ def quantize_checkpoint(
     with atomic_dir(out, force=force) as tmp:
         weight_map: dict[str, str] = {}
         for k, names in enumerate(shards):
-            fname = "model.safetensors" if len(shards) == 1 else (
-                f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            fname = (
+                "model.safetensors"
+                if len(shards) == 1
+                else (f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors")
             )
             items = []
             for name in names:
@@ -217,7 +222,10 @@ def quantize_checkpoint(
                     weight_map[stored] = fname
             digest = hashlib.sha256()
             write_streaming(
-                tmp / fname, items, chunks, digest=digest,
+                tmp / fname,
+                items,
+                chunks,
+                digest=digest,
                 metadata={"format": "pt", "ossedge_recipe": rec.name},
             )
             files[fname] = {"bytes": (tmp / fname).stat().st_size, "sha256": digest.hexdigest()}
@@ -227,7 +235,9 @@ def quantize_checkpoint(
             total = sum(t["bytes"] for t in plan.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             _write_json(tmp / INDEX_FILE, index, files)
-        _write_json(tmp / "config.json", ckpt.config.replace(quantization_config=None).to_hf_dict(), files)
+        _write_json(
+            tmp / "config.json", ckpt.config.replace(quantization_config=None).to_hf_dict(), files
+        )
         for path in _companions(ckpt):
             shutil.copyfile(path, tmp / path.name)
             files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
@@ -281,7 +291,9 @@ def read_manifest(root: Path) -> dict[str, Any]:
         )
     for key, kind in (("recipe", dict), ("tensors", dict), ("files", dict)):
         if not isinstance(m.get(key), kind):
-            raise CheckpointError(f"{path}: `{key}` is missing or malformed; re-run `ossedge quantize`")
+            raise CheckpointError(
+                f"{path}: `{key}` is missing or malformed; re-run `ossedge quantize`"
+            )
     for fname, f in m["files"].items():
         if not isinstance(f, dict) or not isinstance(f.get("bytes"), int) or "sha256" not in f:
             raise CheckpointError(f"{path}: entry for {fname} lacks bytes or sha256")

@@ -150,14 +150,19 @@ def test_truncated_file_names_it(quantized: dict[str, Path], tmp_path: Path) -> 
     q = _copy(quantized["mobile"], tmp_path)
     f = q / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-100])
-    assert_one_line_error(run("generate", str(q), "--prompt", "hi"), "model.safetensors", "truncated")
+    assert_one_line_error(
+        run("generate", str(q), "--prompt", "hi"), "model.safetensors", "truncated"
+    )
 
 
 @pytest.mark.parametrize(
     "edit, needle",
     [
         (lambda text: text[: len(text) // 2], "manifest"),
-        (lambda text: text.replace('"format_version": 1', '"format_version": 99'), "format_version"),
+        (
+            lambda text: text.replace('"format_version": 1', '"format_version": 99'),
+            "format_version",
+        ),
         (lambda text: text.replace('"int4-g32"', '"int3"'), "int3"),
     ],
     ids=["truncated-json", "future-version", "unknown-format"],
@@ -181,7 +186,9 @@ def test_incompatible_recipe_leaves_nothing(synth, tiny_config, tmp_path: Path) 
     p = run("quantize", str(ckpt), "-o", str(tmp_path / "q"), "--recipe", "mobile")
     assert_one_line_error(p, "o_proj", "int4", "recipe mobile")
     assert list(tmp_path.iterdir()) == []
-    assert run("quantize", str(ckpt), "-o", str(tmp_path / "n"), "--recipe", "native").returncode == 0
+    assert (
+        run("quantize", str(ckpt), "-o", str(tmp_path / "n"), "--recipe", "native").returncode == 0
+    )
     with pytest.raises(ConfigError):
         quantize_checkpoint(ckpt, tmp_path / "api", recipe="int4")
 
