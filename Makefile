@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEMO_DIR := out/tiny
+DEMO_DIR := out/demo
+MODEL := assets/tiny-gpt-oss
 
 .PHONY: install demo test bench-reference clean
 
@@ -18,9 +19,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 demo: install
-	$(BIN)/ossedge synth $(DEMO_DIR) --preset tiny --seed 0 --force
-	$(BIN)/ossedge inspect $(DEMO_DIR)
-	$(BIN)/ossedge generate $(DEMO_DIR) --prompt "The quick brown fox" --max-new-tokens 24 --seed 0
+	$(BIN)/ossedge inspect $(MODEL)
+	$(BIN)/ossedge quantize $(MODEL) -o $(DEMO_DIR)/tiny-mobile --recipe mobile --force
+	$(BIN)/ossedge eval $(DEMO_DIR)/tiny-mobile --reference $(MODEL)
+	$(BIN)/ossedge generate $(DEMO_DIR)/tiny-mobile --prompt "def read_lines(path):" --max-new-tokens 64 --temperature 0.3 --seed 0
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -27,6 +27,7 @@ def main() -> None:
     from ossedge.assets import default_model_dir
     from ossedge.quantize.recipes import RECIPES
     from ossedge.runtime.config import preset
+    from ossedge.runtime.evaluate import METRICS
     from ossedge.runtime.quantized import recipe_bytes
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -48,17 +49,7 @@ def main() -> None:
                     "recipe": name,
                     "bytes_20b": recipe_bytes(cfg20, name)["total"],
                     "bytes_model": r["model"]["bytes"],
-                    **{
-                        k: r[k]
-                        for k in (
-                            "perplexity_model",
-                            "perplexity_reference",
-                            "kl_mean",
-                            "kl_median",
-                            "top1_agreement",
-                            "tokens_scored",
-                        )
-                    },
+                    **{k: r[k] for k in (*METRICS, "tokens_scored")},
                 }
             )
     ref = rows[0]["perplexity_reference"]

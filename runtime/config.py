@@ -404,6 +404,18 @@ def _read_json(path: Path) -> dict[str, Any]:
     return d
 
 
+# The quantization_config of the released checkpoint: experts MXFP4, everything else bf16.
+MXFP4_QUANTIZATION_CONFIG: dict[str, Any] = {
+    "modules_to_not_convert": [
+        "model.layers.*.self_attn",
+        "model.layers.*.mlp.router",
+        "model.embed_tokens",
+        "lm_head",
+    ],
+    "quant_method": "mxfp4",
+}
+
+
 def load_config(path: str | Path) -> GptOssConfig:
     """Read an HF or OpenAI-original config.json (a file, or a directory holding one)."""
     path = Path(path)

@@ -17,6 +17,15 @@ from tqdm import tqdm
 
 DEFAULT_TEXT_RESOURCE = "data/eval.txt"
 DEFAULT_WINDOW = 256
+METRICS = (
+    "perplexity_model",
+    "perplexity_reference",
+    "kl_mean",
+    "kl_median",
+    "kl_p99",
+    "kl_max",
+    "top1_agreement",
+)
 
 
 def default_text() -> tuple[str, str]:

@@ -21,7 +21,12 @@ from tqdm import tqdm
 from ossedge.quantize import mxfp4
 from ossedge.runtime.atomic import atomic_dir
 from ossedge.runtime.checkpoint import INDEX_FILE, TensorSpec, expected_tensors, original_name
-from ossedge.runtime.config import GptOssConfig, config_from_original_dict, preset
+from ossedge.runtime.config import (
+    MXFP4_QUANTIZATION_CONFIG,
+    GptOssConfig,
+    config_from_original_dict,
+    preset,
+)
 from ossedge.runtime.safetensors_stream import write_streaming
 
 CHUNK_BYTES = 64 << 20
@@ -158,19 +163,7 @@ def synthesize(
     cfg = cfg.replace(
         eos_token_id=ids["<|return|>"],
         pad_token_id=ids["<|endoftext|>"],
-        quantization_config=(
-            {
-                "modules_to_not_convert": [
-                    "model.layers.*.self_attn",
-                    "model.layers.*.mlp.router",
-                    "model.embed_tokens",
-                    "lm_head",
-                ],
-                "quant_method": "mxfp4",
-            }
-            if expert_format == "mxfp4"
-            else None
-        ),
+        quantization_config=MXFP4_QUANTIZATION_CONFIG if expert_format == "mxfp4" else None,
     )
     specs = expected_tensors(cfg, expert_format=expert_format)
     source = _Source(cfg, seed)

@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = {"ossedge": "ossedge", "runtime": "ossedge/runtime", "quantize": "ossedge/quantize",
                 "targets": "ossedge/targets", "convert": "ossedge/convert",
-                "benchmarks": "ossedge/benchmarks"}
+                "benchmarks": "ossedge/benchmarks", "assets": "ossedge/assets"}
 
 
 def test_wheel_contains_every_tracked_module(tmp_path: Path) -> None:
@@ -21,7 +21,7 @@ def test_wheel_contains_every_tracked_module(tmp_path: Path) -> None:
     want = set()
     for f in tracked:
         top, _, rest = f.partition("/")
-        if top in PACKAGE_DIRS and (f.endswith(".py") or "/data/" in f):
+        if top in PACKAGE_DIRS and (f.endswith(".py") or "/data/" in f or top == "assets"):
             want.add(f"{PACKAGE_DIRS[top]}/{rest}")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
@@ -32,3 +32,4 @@ def test_wheel_contains_every_tracked_module(tmp_path: Path) -> None:
     have = set(zipfile.ZipFile(wheel).namelist())
     assert want - have == set()
     assert "ossedge/runtime/data/gpt-oss-20b.config.json" in have
+    assert "ossedge/assets/tiny-gpt-oss/model.safetensors" in have
