@@ -27,7 +27,10 @@ def atomic_dir(out: str | Path, *, force: bool = False) -> Iterator[Path]:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OssedgeError(f"cannot create {parent} ({e.strerror}); choose a writable path") from None
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=parent))
+    except OSError as e:
+        raise OssedgeError(f"cannot write in {parent} ({e.strerror}); choose a writable path") from None
     try:
         yield tmp
         if out.exists():

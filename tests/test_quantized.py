@@ -215,3 +215,7 @@ def test_cli_quantize_then_inspect(tiny_ckpt: Path, tmp_path: Path) -> None:
     assert "sha256" in s["validation"]
     src = json.loads(run("inspect", str(tiny_ckpt), "--json").stdout)
     assert s["parameters"] == src["parameters"]
+
+
+def test_unwritable_output(tiny_ckpt: Path) -> None:
+    assert_one_line_error(run("quantize", str(tiny_ckpt), "-o", "/proc/ossedge-q"), "cannot write")
