@@ -1,0 +1,1 @@
+"""The ExecuTorch target: gpt-oss as `.pte` + `.ptd`, experts through the `ossedge::` MoE ops."""

@@ -1,0 +1,93 @@
+"""The gpt-oss MoE as custom operators in the `ossedge` namespace, for torch.export and eager.
+
+    ossedge::moe_mxfp4(x, expert_ids, weights, gate_up_blocks, gate_up_scales, gate_up_bias,
+                       down_blocks, down_scales, down_bias, limit, alpha) -> Tensor
+    ossedge::moe_int4(x, expert_ids, weights, gate_up_q, gate_up_scale, gate_up_bias,
+                      down_q, down_scale, down_bias, limit, alpha) -> Tensor
+
+plus `.out` overloads (ExecuTorch runs out-variant kernels). x [T, H] float32; expert_ids
+[T, K] int64; weights [T, K] float32 (the softmax over the chosen K); expert weights stored as
+`ossedge.quantize.qtensor` describes, [E, N, K/32, 16] + [E, N, K/32] bytes for MXFP4 or
+[E, N, K/2] + fp16 [E, N, K/32] for int4; biases float32 [E, 2I] and [E, H]. The result is
+sum_k weights[t, k] · (W2[e] · swiglu(W1[e] · x[t] + b1[e]) + b2[e]) with gpt-oss's clamped,
+interleaved SwiGLU. The implementation here is the reference (tokens grouped per expert, only the
+selected experts decoded); the native kernel in `kernels/` must agree with it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ossedge.quantize.qtensor import QTensor
+
+_ARGS = {
+    "mxfp4": "Tensor gate_up_blocks, Tensor gate_up_scales, Tensor gate_up_bias, "
+    "Tensor down_blocks, Tensor down_scales, Tensor down_bias",
+    "int4": "Tensor gate_up_q, Tensor gate_up_scale, Tensor gate_up_bias, "
+    "Tensor down_q, Tensor down_scale, Tensor down_bias",
+}
+_FORMAT = {"mxfp4": ("mxfp4", "blocks", "scales"), "int4": ("int4-g32", "q", "scale")}
+
+LIB = torch.library.Library("ossedge", "DEF")
+
+
+def _expert_weight(kind: str, data: torch.Tensor, scale: torch.Tensor) -> QTensor:
+    fmt, p_data, p_scale = _FORMAT[kind]
+    k = scale.shape[-1] * 32
+    return QTensor(fmt, (*scale.shape[:-1], k), {p_data: data, p_scale: scale})
+
+
+def moe_reference(
+    kind: str,
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    w1: tuple[torch.Tensor, torch.Tensor],
+    b1: torch.Tensor,
+    w2: tuple[torch.Tensor, torch.Tensor],
+    b2: torch.Tensor,
+    limit: float,
+    alpha: float,
+) -> torch.Tensor:
+    """The MoE in float32, each selected expert decoded once for all the tokens that chose it."""
+    gate_up, down = _expert_weight(kind, *w1), _expert_weight(kind, *w2)
+    x = x.float()
+    out = torch.zeros_like(x)
+    for e in expert_ids.unique().tolist():
+        rows, slot = torch.nonzero(expert_ids == e, as_tuple=True)
+        h = torch.nn.functional.linear(x[rows], gate_up[e].dequantize(), b1[e].float())
+        gate = h[:, 0::2].clamp(max=limit)
+        up = h[:, 1::2].clamp(min=-limit, max=limit)
+        act = (up + 1) * gate * torch.sigmoid(alpha * gate)
+        y = torch.nn.functional.linear(act, down[e].dequantize(), b2[e].float())
+        out.index_add_(0, rows, y * weights[rows, slot, None].float())
+    return out
+
+
+def _define(kind: str) -> None:
+    name = f"moe_{kind}"
+    head = f"Tensor x, Tensor expert_ids, Tensor weights, {_ARGS[kind]}, float limit, float alpha"
+    LIB.define(f"{name}({head}) -> Tensor")
+    LIB.define(f"{name}.out({head}, *, Tensor(a!) out) -> Tensor(a!)")
+
+    def functional(x, ids, w, d1, s1, b1, d2, s2, b2, limit, alpha):
+        return moe_reference(kind, x, ids, w, (d1, s1), b1, (d2, s2), b2, limit, alpha)
+
+    def out_variant(x, ids, w, d1, s1, b1, d2, s2, b2, limit, alpha, *, out):
+        out.copy_(functional(x, ids, w, d1, s1, b1, d2, s2, b2, limit, alpha))
+        return out
+
+    def fake(x, ids, w, d1, s1, b1, d2, s2, b2, limit, alpha):
+        return torch.empty_like(x, dtype=torch.float32)
+
+    def fake_out(x, ids, w, d1, s1, b1, d2, s2, b2, limit, alpha, *, out):
+        return out
+
+    LIB.impl(name, functional, "CompositeExplicitAutograd")
+    LIB.impl(f"{name}.out", out_variant, "CompositeExplicitAutograd")
+    LIB.impl(name, fake, "Meta")
+    LIB.impl(f"{name}.out", fake_out, "Meta")
+
+
+for _kind in _FORMAT:
+    _define(_kind)
