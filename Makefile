@@ -16,7 +16,18 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# The ExecuTorch kernels of the ossedge:: operators, built against the executorch wheel.
+KERNELS := targets/executorch/lib/libossedge_kernels.so
+KERNEL_SRC := $(wildcard targets/executorch/kernels/*.cpp targets/executorch/kernels/*.h) \
+	targets/executorch/kernels/CMakeLists.txt
+
+$(KERNELS): $(STAMP) $(KERNEL_SRC)
+	cmake -S targets/executorch/kernels -B build/kernels -DCMAKE_BUILD_TYPE=Release \
+		-DEXECUTORCH_ROOT="$$($(BIN)/python -c 'import executorch; print(list(executorch.__path__)[0])')" >/dev/null
+	cmake --build build/kernels -j2
+	mkdir -p $(dir $(KERNELS)) && cp build/kernels/libossedge_kernels.so $(KERNELS)
+
+install: $(STAMP) $(KERNELS)
 
 demo: install
 	$(BIN)/ossedge inspect $(MODEL)
@@ -31,4 +42,4 @@ bench-reference: install
 	$(BIN)/python -m ossedge.benchmarks.reference_20b
 
 clean:
-	rm -rf out build *.egg-info
+	rm -rf out build *.egg-info targets/executorch/lib

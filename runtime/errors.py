@@ -37,3 +37,7 @@ class BudgetError(OssedgeError):
     """An artifact does not fit the device's memory budget."""
 
     exit_code = 4
+
+
+class KernelError(OssedgeError):
+    """The native kernel library is missing or cannot be loaded."""
