@@ -49,8 +49,12 @@ float half_to_float(uint16_t h) {
 
 float block_scale(const ExpertWeight& w, int64_t index) {
   if (w.format == WeightFormat::kMxfp4) {
-    const int e = static_cast<const uint8_t*>(w.scales)[index];
-    return std::ldexp(1.0f, e - 127);
+    // 2^(e - 127) built from its bits; e = 0 is the subnormal 2^-127.
+    const uint32_t e = static_cast<const uint8_t*>(w.scales)[index];
+    const uint32_t bits = e == 0 ? (1u << 22) : (e << 23);
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
   }
   return half_to_float(static_cast<const uint16_t*>(w.scales)[index]);
 }
@@ -99,27 +103,50 @@ __attribute__((target("avx2,fma"))) inline __m256i nibbles8(const uint8_t* b) {
   return _mm256_and_si256(_mm256_srlv_epi32(dup, shift), _mm256_set1_epi32(0xf));
 }
 
+// 8 weights (before the block scale) from 4 bytes.
+__attribute__((target("avx2,fma"))) inline __m256 decode8(const uint8_t* b, bool fp4) {
+  const __m256i code = nibbles8(b);
+  if (!fp4) return _mm256_cvtepi32_ps(_mm256_sub_epi32(code, _mm256_set1_epi32(8)));
+  const __m256 mag = _mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f);
+  const __m256 m = _mm256_permutevar8x32_ps(mag, _mm256_and_si256(code, _mm256_set1_epi32(7)));
+  const __m256i sign = _mm256_slli_epi32(_mm256_srli_epi32(code, 3), 31);
+  return _mm256_xor_ps(m, _mm256_castsi256_ps(sign));
+}
+
+// Row n of expert e dotted with x [K], decoding in registers (the single-token path).
+__attribute__((target("avx2,fma"))) float row_dot_avx2(
+    const ExpertWeight& w, int64_t e, int64_t n, const float* x) {
+  const int64_t groups = w.cols / kBlock;
+  const int64_t first = (e * w.rows + n) * groups;
+  const uint8_t* bytes = w.data + first * (kBlock / 2);
+  const bool fp4 = w.format == WeightFormat::kMxfp4;
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* b = bytes + g * (kBlock / 2);
+    const float* xg = x + g * kBlock;
+    __m256 blk = _mm256_mul_ps(decode8(b, fp4), _mm256_loadu_ps(xg));
+    blk = _mm256_fmadd_ps(decode8(b + 4, fp4), _mm256_loadu_ps(xg + 8), blk);
+    blk = _mm256_fmadd_ps(decode8(b + 8, fp4), _mm256_loadu_ps(xg + 16), blk);
+    blk = _mm256_fmadd_ps(decode8(b + 12, fp4), _mm256_loadu_ps(xg + 24), blk);
+    acc = _mm256_fmadd_ps(blk, _mm256_set1_ps(block_scale(w, first + g)), acc);
+  }
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
 __attribute__((target("avx2,fma"))) void decode_row_avx2(
     const ExpertWeight& w, int64_t e, int64_t n, float* row) {
   const int64_t groups = w.cols / kBlock;
   const int64_t first = (e * w.rows + n) * groups;
   const uint8_t* bytes = w.data + first * (kBlock / 2);
-  const __m256 mag = _mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f);
   const bool fp4 = w.format == WeightFormat::kMxfp4;
   for (int64_t g = 0; g < groups; ++g) {
     const __m256 s = _mm256_set1_ps(block_scale(w, first + g));
     const uint8_t* b = bytes + g * (kBlock / 2);
     for (int q = 0; q < 4; ++q) {
-      const __m256i code = nibbles8(b + 4 * q);
-      __m256 v;
-      if (fp4) {
-        const __m256 m = _mm256_permutevar8x32_ps(mag, _mm256_and_si256(code, _mm256_set1_epi32(7)));
-        const __m256i sign = _mm256_slli_epi32(_mm256_srli_epi32(code, 3), 31);
-        v = _mm256_xor_ps(m, _mm256_castsi256_ps(sign));
-      } else {
-        v = _mm256_cvtepi32_ps(_mm256_sub_epi32(code, _mm256_set1_epi32(8)));
-      }
-      _mm256_storeu_ps(row + g * kBlock + 8 * q, _mm256_mul_ps(v, s));
+      _mm256_storeu_ps(row + g * kBlock + 8 * q, _mm256_mul_ps(decode8(b + 4 * q, fp4), s));
     }
   }
 }
@@ -155,7 +182,21 @@ float dot_neon(const float* a, const float* b, int64_t n) {
 }
 #endif
 
+// Single-token paths without SIMD decoding: decode the row into a stack-sized buffer, then dot.
+template <float (*Dot)(const float*, const float*, int64_t)>
+float row_dot_buffered(const ExpertWeight& w, int64_t e, int64_t n, const float* x) {
+  thread_local std::vector<float> row;
+  row.resize(w.cols);
+  decode_row_scalar(w, e, n, row.data());
+  return Dot(row.data(), x, w.cols);
+}
+constexpr auto row_dot_scalar = row_dot_buffered<dot_scalar>;
+#if defined(__aarch64__)
+constexpr auto row_dot_neon = row_dot_buffered<dot_neon>;
+#endif
+
 struct Isa {
+  float (*row_dot)(const ExpertWeight&, int64_t, int64_t, const float*);
   void (*decode_row)(const ExpertWeight&, int64_t, int64_t, float*);
   float (*dot)(const float*, const float*, int64_t);
   const char* name;
@@ -165,15 +206,15 @@ Isa pick_isa() {
   // OSSEDGE_KERNEL_ISA=scalar forces the portable path (tests compare it with the SIMD one).
   const char* forced = std::getenv("OSSEDGE_KERNEL_ISA");
   if (forced != nullptr && std::strcmp(forced, "scalar") == 0) {
-    return {decode_row_scalar, dot_scalar, "scalar"};
+    return {row_dot_scalar, decode_row_scalar, dot_scalar, "scalar"};
   }
 #if OSSEDGE_X86
-  if (has_avx2()) return {decode_row_avx2, dot_avx2, "avx2"};
+  if (has_avx2()) return {row_dot_avx2, decode_row_avx2, dot_avx2, "avx2"};
 #endif
 #if defined(__aarch64__)
-  return {decode_row_scalar, dot_neon, "neon"};
+  return {row_dot_neon, decode_row_scalar, dot_neon, "neon"};
 #else
-  return {decode_row_scalar, dot_scalar, "scalar"};
+  return {row_dot_scalar, decode_row_scalar, dot_scalar, "scalar"};
 #endif
 }
 
@@ -204,9 +245,14 @@ bool moe_forward(const MoeArgs& a, float* out) {
     const int64_t m = static_cast<int64_t>(pairs.size());
     if (m == 0) continue;
     gate_up.assign(m * 2 * inter, 0.0f);
+    // One token: decode and dot in one pass. Several: decode each row once for all of them.
     for (int64_t n = 0; n < 2 * inter; ++n) {
-      f.decode_row(a.gate_up, e, n, row.data());
       const float bias = a.gate_up_bias[e * 2 * inter + n];
+      if (m == 1) {
+        gate_up[n] = f.row_dot(a.gate_up, e, n, a.x + (pairs[0] / a.topk) * h) + bias;
+        continue;
+      }
+      f.decode_row(a.gate_up, e, n, row.data());
       for (int64_t j = 0; j < m; ++j) {
         const float* x = a.x + (pairs[j] / a.topk) * h;
         gate_up[j * 2 * inter + n] = f.dot(row.data(), x, h) + bias;
@@ -221,8 +267,13 @@ bool moe_forward(const MoeArgs& a, float* out) {
       }
     }
     for (int64_t n = 0; n < h; ++n) {
-      f.decode_row(a.down, e, n, row.data());
       const float bias = a.down_bias[e * h + n];
+      if (m == 1) {
+        out[(pairs[0] / a.topk) * h + n] +=
+            a.weights[pairs[0]] * (f.row_dot(a.down, e, n, act.data()) + bias);
+        continue;
+      }
+      f.decode_row(a.down, e, n, row.data());
       for (int64_t j = 0; j < m; ++j) {
         const int64_t t = pairs[j] / a.topk;
         out[t * h + n] += a.weights[pairs[j]] * (f.dot(row.data(), act.data() + j * inter, inter) + bias);
