@@ -41,7 +41,7 @@ struct MoeArgs {
   float alpha;
 };
 
-// Which instruction set the kernel uses on this CPU: "avx2", "neon" or "scalar".
+// Which instruction set the kernel uses on this CPU: "avx512", "avx2", "neon" or "scalar".
 const char* moe_isa();
 
 // out [T, H] = sum over each token's chosen experts of weight * expert(x). Returns false (and
