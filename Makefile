@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR := out/demo
 MODEL := assets/tiny-gpt-oss
 
-.PHONY: install demo test bench-reference clean
+.PHONY: install arm64-tools demo test bench-reference clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,16 @@ demo: install
 	$(BIN)/ossedge eval $(DEMO_DIR)/tiny-mobile --reference $(MODEL)
 	$(BIN)/ossedge generate $(DEMO_DIR)/tiny-mobile --prompt "def read_lines(path):" --max-new-tokens 64 --temperature 0.3 --seed 0
 
-test: install
+# The arm64 (NEON) kernel path is tested under qemu-user: get the cross toolchain where apt can.
+ARM64_PKGS := g++-aarch64-linux-gnu qemu-user
+arm64-tools:
+	@if command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get install -y -q $(ARM64_PKGS) || (apt-get update -q && apt-get install -y -q $(ARM64_PKGS))) \
+			>/dev/null 2>&1 || echo "could not install $(ARM64_PKGS): the arm64 kernel tests will be skipped"; \
+	else echo "no apt (or not root): the arm64 kernel tests will be skipped; install $(ARM64_PKGS)"; fi
+
+test: install arm64-tools
 	$(BIN)/python -m pytest -q
 
 bench-reference: install

@@ -165,7 +165,11 @@ __attribute__((target("avx512f,avx512bw"))) float row_dot_avx512(
     blk = _mm512_fmadd_ps(decode16(b + 8, fp4), _mm512_loadu_ps(xg + 16), blk);
     acc = _mm512_fmadd_ps(blk, _mm512_set1_ps(block_scale(w, first + g)), acc);
   }
-  return _mm512_reduce_add_ps(acc);
+  alignas(64) float lanes[16];  // (GCC 12 warns inside _mm512_reduce_add_ps)
+  _mm512_store_ps(lanes, acc);
+  float sum = 0.0f;
+  for (float v : lanes) sum += v;
+  return sum;
 }
 
 __attribute__((target("avx2,fma"))) void decode_row_avx2(
