@@ -33,7 +33,7 @@ demo: install
 	$(BIN)/ossedge inspect $(MODEL)
 	$(BIN)/ossedge quantize $(MODEL) -o $(DEMO_DIR)/tiny-mobile --recipe mobile --force
 	$(BIN)/ossedge eval $(DEMO_DIR)/tiny-mobile --reference $(MODEL)
-	$(BIN)/ossedge generate $(DEMO_DIR)/tiny-mobile --prompt "def read_lines(path):" --max-new-tokens 64 --temperature 0.3 --seed 0
+	$(BIN)/ossedge generate $(DEMO_DIR)/tiny-mobile --prompt "class Stack:" --max-new-tokens 64 --temperature 0
 
 # The arm64 (NEON) kernel path is tested under qemu-user: get the cross toolchain where apt can.
 ARM64_PKGS := g++-aarch64-linux-gnu qemu-user
