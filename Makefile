@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR := out/demo
 MODEL := assets/tiny-gpt-oss
 
-.PHONY: install arm64-tools demo test bench-reference clean
+.PHONY: install kernels arm64-tools demo test bench-reference clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,16 +16,24 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# The ExecuTorch kernels of the ossedge:: operators, built against the executorch wheel.
+# The ExecuTorch kernels of the ossedge:: operators, built with CMake against the executorch
+# wheel into build/kernels and installed where load_kernels() looks. CMake: the system's (3.19+),
+# else the PyPI wheel, installed into the venv only then.
 KERNELS := targets/executorch/lib/libossedge_kernels.so
 KERNEL_SRC := $(wildcard targets/executorch/kernels/*.cpp targets/executorch/kernels/*.h) \
 	targets/executorch/kernels/CMakeLists.txt
+CMAKE := $(or $(shell command -v cmake 2>/dev/null),$(BIN)/cmake)
 
-$(KERNELS): $(STAMP) $(KERNEL_SRC)
-	cmake -S targets/executorch/kernels -B build/kernels -DCMAKE_BUILD_TYPE=Release \
+$(BIN)/cmake: | $(BIN)/python
+	$(BIN)/python -m pip install --quiet cmake
+
+$(KERNELS): $(STAMP) $(KERNEL_SRC) | $(CMAKE)
+	$(CMAKE) -S targets/executorch/kernels -B build/kernels -DCMAKE_BUILD_TYPE=Release \
 		-DEXECUTORCH_ROOT="$$($(BIN)/python -c 'import executorch; print(list(executorch.__path__)[0])')" >/dev/null
-	cmake --build build/kernels -j2
+	$(CMAKE) --build build/kernels -j2
 	mkdir -p $(dir $(KERNELS)) && cp build/kernels/libossedge_kernels.so $(KERNELS)
+
+kernels: $(KERNELS)
 
 install: $(STAMP) $(KERNELS)
 

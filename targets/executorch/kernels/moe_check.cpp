@@ -39,7 +39,8 @@ int main(int argc, char** argv) {
   std::vector<uint8_t> d1, s1, d2, s2;
   const size_t scale_bytes = fp4 ? 1 : 2;
   bool ok = read(in, &x, t * h) && read(in, &ids, t * k) && read(in, &w, t * k) &&
-            read(in, &d1, e * 2 * inter * h / 2) && read(in, &s1, e * 2 * inter * h / 32 * scale_bytes) &&
+            read(in, &d1, e * 2 * inter * h / 2) &&
+            read(in, &s1, e * 2 * inter * h / 32 * scale_bytes) &&
             read(in, &b1, e * 2 * inter) && read(in, &d2, e * h * inter / 2) &&
             read(in, &s2, e * h * inter / 32 * scale_bytes) && read(in, &b2, e * h);
   std::fclose(in);

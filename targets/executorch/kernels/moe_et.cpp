@@ -4,7 +4,12 @@
 #include <executorch/runtime/core/exec_aten/util/tensor_util.h>
 #include <executorch/runtime/kernel/kernel_includes.h>
 
+#include <initializer_list>
+
 #include "moe_core.h"
+#if OSSEDGE_THREADPOOL
+#include "et_threadpool.h"
+#endif
 
 namespace {
 
@@ -12,6 +17,23 @@ using executorch::aten::ScalarType;
 using executorch::aten::Tensor;
 using executorch::runtime::Error;
 using executorch::runtime::KernelRuntimeContext;
+
+#if OSSEDGE_THREADPOOL
+// Spreads the kernel's row chunks over ExecuTorch's thread pool, the one its other CPU kernels
+// and XNNPACK use (size it from Python with portable_lib._unsafe_reset_threadpool).
+void threadpool_for(int64_t n, void (*task)(void* ctx, int64_t i), void* ctx) {
+  executorch::extension::threadpool::ThreadPool* pool =
+      executorch::extension::threadpool::get_threadpool();
+  if (pool == nullptr || pool->get_thread_count() < 2) {
+    for (int64_t i = 0; i < n; ++i) task(ctx, i);
+    return;
+  }
+  pool->run([&](size_t i) { task(ctx, static_cast<int64_t>(i)); }, static_cast<size_t>(n));
+}
+constexpr ossedge::ParallelFor kParallel = threadpool_for;
+#else
+constexpr ossedge::ParallelFor kParallel = nullptr;
+#endif
 
 bool weight_ok(const Tensor& data, const Tensor& scales, const Tensor& bias,
                ossedge::WeightFormat format, ossedge::ExpertWeight* w) {
@@ -22,7 +44,8 @@ bool weight_ok(const Tensor& data, const Tensor& scales, const Tensor& bias,
   const int64_t e = scales.size(0), n = scales.size(1), k = scales.size(2) * 32;
   if (fp4 && (data.dim() != 4 || data.size(2) != k / 32 || data.size(3) != 16)) return false;
   if (!fp4 && (data.dim() != 3 || data.size(2) != k / 2)) return false;
-  if (data.size(0) != e || data.size(1) != n || bias.size(0) != e || bias.size(1) != n) return false;
+  if (data.size(0) != e || data.size(1) != n) return false;
+  if (bias.size(0) != e || bias.size(1) != n) return false;
   *w = {format, data.const_data_ptr<uint8_t>(), scales.const_data_ptr(), n, k};
   return true;
 }
@@ -40,6 +63,14 @@ Tensor& moe_out(KernelRuntimeContext& ctx, ossedge::WeightFormat format, const T
                          out.scalar_type() == ScalarType::Float;
   ET_KERNEL_CHECK_MSG(ctx, ok_inputs, InvalidArgument, out,
                       "ossedge moe: x must be float [T, H], ids long [T, K], weights float [T, K]");
+  bool contiguous = true;
+  const std::initializer_list<const Tensor*> all = {&x,  &ids, &weights, &d1, &s1,
+                                                    &b1, &d2,  &s2,      &b2, &out};
+  for (const Tensor* t : all) {
+    contiguous = contiguous && executorch::runtime::tensor_is_contiguous(*t);
+  }
+  ET_KERNEL_CHECK_MSG(ctx, contiguous, InvalidArgument, out,
+                      "ossedge moe: every tensor must be contiguous");
   ET_KERNEL_CHECK_MSG(ctx, weight_ok(d1, s1, b1, format, &a.gate_up) &&
                                weight_ok(d2, s2, b2, format, &a.down),
                       InvalidArgument, out, "ossedge moe: expert weights have the wrong layout");
@@ -61,6 +92,7 @@ Tensor& moe_out(KernelRuntimeContext& ctx, ossedge::WeightFormat format, const T
   a.down_bias = b2.const_data_ptr<float>();
   a.limit = static_cast<float>(limit);
   a.alpha = static_cast<float>(alpha);
+  a.parallel = kParallel;
   ET_KERNEL_CHECK_MSG(ctx, ossedge::moe_forward(a, out.mutable_data_ptr<float>()),
                       InvalidArgument, out, "ossedge moe: an expert id is out of range");
   return out;
@@ -83,5 +115,7 @@ constexpr auto moe_int4_out = moe_format_out<ossedge::WeightFormat::kInt4>;
 EXECUTORCH_LIBRARY(ossedge, "moe_mxfp4.out", moe_mxfp4_out);
 EXECUTORCH_LIBRARY(ossedge, "moe_int4.out", moe_int4_out);
 
-// For hosts that load the library with dlopen/ctypes: which SIMD path the kernels use.
+// For hosts that load the library with dlopen/ctypes: which SIMD path the kernels use, and a way
+// to choose another (returns 0 when this build or CPU lacks it).
 extern "C" const char* ossedge_moe_isa() { return ossedge::moe_isa(); }
+extern "C" int ossedge_moe_set_isa(const char* name) { return ossedge::moe_set_isa(name) ? 1 : 0; }
