@@ -100,9 +100,13 @@ def _tokenizer_dir(ckpt: Path) -> Path:
 
 
 def _load(ckpt: Path, dtype: str, *, verify: bool = False):
+    """(model, tokenizer) of a checkpoint, quantized checkpoint or ExecuTorch artifact."""
     from ossedge.runtime import load_model
+    from ossedge.runtime.executorch import ExecuTorchModel, is_artifact
     from ossedge.runtime.tokenizer import Tokenizer
 
+    if is_artifact(ckpt):
+        return ExecuTorchModel(ckpt, checksums=verify), Tokenizer.from_dir(ckpt)
     tokenizer = Tokenizer.from_dir(_tokenizer_dir(ckpt))
     return load_model(ckpt, dtype=_dtype(dtype), verify=verify), tokenizer
 
@@ -130,7 +134,8 @@ def with_sampling(f):
 def generate(ckpt, prompt, max_new_tokens, temperature, top_p, top_k, seed, dtype) -> None:
     """Continue PROMPT with the reference runtime, streaming the text to stdout.
 
-    CKPT is a checkpoint or quantized checkpoint; without it, the bundled tiny trained model."""
+    CKPT is a checkpoint, quantized checkpoint or ExecuTorch artifact directory; without it, the
+    bundled tiny trained model."""
     from ossedge.runtime.generate import generate as run, stop_ids_for
 
     ckpt = _model_path(ckpt)
@@ -173,7 +178,8 @@ def chat(
 ) -> None:
     """Chat in the harmony format. One user message per line; Ctrl-D or /exit ends.
 
-    CKPT is a checkpoint or quantized checkpoint; without it, the bundled tiny trained model."""
+    CKPT is a checkpoint, quantized checkpoint or ExecuTorch artifact directory; without it, the
+    bundled tiny trained model."""
     from ossedge.runtime.generate import chat_turn
     from ossedge.runtime.harmony import Message
 
@@ -312,6 +318,97 @@ def eval_(model, reference, text, window, max_tokens, dtype, as_json) -> None:
     click.echo(f"KL(ref||model)  mean {r['kl_mean']:.5f}  median {r['kl_median']:.5f}  "
                f"p99 {r['kl_p99']:.5f}  max {r['kl_max']:.5f}")
     click.echo(f"top-1 agreement {r['top1_agreement']:.2%}   [{r['seconds']:.1f} s]")
+
+
+@cli.command()
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True)
+@click.option(
+    "--target", type=click.Choice(["executorch"]), default="executorch", show_default=True,
+    help="executorch: model.pte + model.ptd for ExecuTorch (Android, iOS, desktop CPUs).",
+)
+@click.option(
+    "--recipe", type=click.Choice(list(RECIPES)), default=None,
+    help=f"Quantization recipe [default: {DEFAULT_RECIPE}, or the recipe of a quantized CKPT].",
+)
+@click.option(
+    "--max-context", type=click.IntRange(min=1), default=None,
+    help="KV cache length in tokens [default: 4096, at most the model's].",
+)
+@click.option(
+    "--max-prefill", type=click.IntRange(min=1), default=None,
+    help="Most tokens per forward call [default: the sliding window].",
+)
+@click.option(
+    "--verify-tokens", type=click.IntRange(min=0), default=None,
+    help="Tokens of the parity check after converting [default: 2 windows + 16]; 0 skips it.",
+)
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def convert(ckpt, out, target, recipe, max_context, max_prefill, verify_tokens, force) -> None:
+    """Convert CKPT into a deployable artifact directory OUT, then verify it against CKPT.
+
+    executorch: model.pte (program; forward(tokens[1,T], input_pos[1]) -> logits of the last
+    token, KV cache inside) + model.ptd (all weights, memory-mappable) + tokenizer.json +
+    manifest.json. Needs the ossedge kernel library (built by `make install`) to run."""
+    from ossedge.targets.executorch.export import convert as run
+
+    m = run(
+        ckpt, out, recipe=recipe, max_context=max_context, max_prefill=max_prefill,
+        force=force, progress=_progress(), verify_tokens=verify_tokens,
+    )
+    size = sum(f["bytes"] for f in m["files"].values())
+    click.echo(
+        f"wrote {out} (executorch, recipe {m['recipe']}, context {m['max_context']}): "
+        f"{_gb(size)} in {m['convert']['seconds']:.1f} s"
+    )
+    v = m.get("verify")
+    if v:
+        click.echo(
+            f"verified over {v['tokens']} tokens: rel_err {v['rel_err']:.2e} "
+            f"(tolerance {v['tolerance']:g}), top-1 vs same recipe {v['top1_same']:.1%}, "
+            f"KL vs unquantized {v['kl_mean']:.4f}"
+        )
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option(
+    "--reference", type=click.Path(path_type=Path), required=True,
+    help="The checkpoint ARTIFACT was converted from.",
+)
+@click.option(
+    "--tokens", type=click.IntRange(min=2), default=None,
+    help="Tokens to decode teacher-forced [default: 2 sliding windows + 16].",
+)
+@click.option("--tolerance", type=float, default=None, help="Largest relative logits error.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def verify(artifact, reference, tokens, tolerance, as_json) -> None:
+    """Check ARTIFACT against the reference runtime: exit 3 when it does not match.
+
+    Decodes the packaged evaluation text teacher-forced through the artifact and compares every
+    step's logits with the reference runtime applying the same recipe (must match within the
+    tolerance) and with the unquantized reference (KL, top-1 reported)."""
+    from ossedge.runtime.errors import ParityError
+    from ossedge.runtime.executorch import verify_artifact
+
+    r = verify_artifact(
+        artifact, reference, tokens=tokens, tolerance=tolerance, progress=_progress()
+    )
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+    else:
+        click.echo(f"artifact   {artifact} (recipe {r['recipe']})")
+        click.echo(f"reference  {reference}: {r['tokens']} tokens, prefill {r['prefill_tokens']} "
+                   f"then one per call")
+        click.echo(f"same recipe    max_abs_err {r['max_abs_err']:.3e}  rel_err "
+                   f"{r['rel_err']:.3e} (tolerance {r['tolerance']:g})  top-1 {r['top1_same']:.2%}")
+        what = "unquantized" if r["unquantized_reference"] else "reference"
+        click.echo(f"vs {what}  KL mean {r['kl_mean']:.5f}  top-1 {r['top1']:.2%}")
+        click.echo(f"{'PASSED' if r['passed'] else 'FAILED'}  [{r['seconds']:.1f} s]")
+    if not r["passed"]:
+        raise ParityError(
+            f"{artifact}: rel_err {r['rel_err']:.3e} exceeds the tolerance {r['tolerance']:g}"
+        )
 
 
 def main() -> None:

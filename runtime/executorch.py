@@ -4,14 +4,53 @@ program that calls `ossedge::moe_*` fails with "Missing operator" without them."
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import json
 import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from ossedge.runtime.errors import KernelError
+import torch
+
+from ossedge.runtime.errors import KernelError, OssedgeError
+
+
+class ArtifactError(OssedgeError):
+    """An ExecuTorch artifact directory is incomplete, corrupt or inconsistent."""
 
 LIBRARY = "libossedge_kernels.so"
+
+
+def quiet_imports() -> None:
+    """Silence import-time chatter of torchao and torch (GPU libraries this CPU build cannot
+    load, deprecation notes) and export-time warnings that are not the user's business."""
+    import logging
+    import warnings
+
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="Mutation on a buffer", category=UserWarning)
+
+
+@contextlib.contextmanager
+def _stderr_to(path: Path) -> Iterator[None]:
+    """Send the process's stderr (file descriptor 2, where native code logs) to `path`."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "wb") as f:
+        os.dup2(f.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 ENV_VAR = "OSSEDGE_KERNELS"
 ISAS = ("avx512", "avx2", "neon", "scalar")
 
@@ -64,3 +103,247 @@ def set_kernel_isa(isa: str) -> None:
         raise KernelError(f"unknown kernel ISA {isa!r}; expected one of {', '.join(ISAS)}")
     if not _loaded()[0].ossedge_moe_set_isa(isa.encode()):
         raise KernelError(f"the {isa} kernel path is not available on this CPU or build")
+
+
+# ---------------------------------------------------------------------------------------------
+# Artifacts: model.pte + model.ptd + tokenizer.json + manifest.json (see README, "ExecuTorch").
+
+ARTIFACT_FORMAT = "ossedge-executorch"
+SUPPORTED_CONTRACT = 1
+FILES = ("model.pte", "model.ptd", "tokenizer.json")
+# Largest relative logits error |Δ|₂/|ref|₂ of any step. With float linear layers (recipe native)
+# the program computes what the reference does (measured ~1e-6). XNNPACK's quantized linear
+# layers quantize activations to int8 per token and round group scales to bf16: ~1% on the
+# trained model, up to ~5% on random-weight checkpoints, where a router flip moves a token to
+# another expert.
+TOLERANCE_FLOAT = 1e-3
+TOLERANCE_QUANTIZED = 8e-2
+
+
+def is_artifact(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / "manifest.json").is_file() and (p / "model.pte").exists()
+
+
+def read_artifact_manifest(root: Path, *, checksums: bool = False) -> dict:
+    """The manifest of an ExecuTorch artifact, after checking that its files are all there with
+    the recorded sizes (and, with `checksums`, sha256)."""
+    from ossedge.runtime.quantized import sha256_file
+
+    file = root / "manifest.json"
+    try:
+        manifest = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{root}: no manifest.json; not an ossedge ExecuTorch artifact") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{file}: unreadable ({e}); convert the model again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{file}: not an ossedge ExecuTorch artifact manifest")
+    version = manifest.get("contract_version")
+    if version != SUPPORTED_CONTRACT:
+        raise ArtifactError(
+            f"{root}: artifact contract version {version}, this ossedge reads "
+            f"{SUPPORTED_CONTRACT}; convert the model again with this version"
+        )
+    files = manifest.get("files", {})
+    for name in FILES:
+        path = root / name
+        want = files.get(name, {})
+        if not path.is_file():
+            raise ArtifactError(f"{path}: missing; the artifact is incomplete, convert again")
+        size = path.stat().st_size
+        if size != want.get("bytes"):
+            raise ArtifactError(
+                f"{path}: {size} bytes, the manifest records {want.get('bytes')}; the file is "
+                "truncated or from another conversion"
+            )
+        if checksums and sha256_file(path) != want.get("sha256"):
+            raise ArtifactError(
+                f"{path}: sha256 differs from the manifest; the file is corrupt or from another "
+                "conversion"
+            )
+    return manifest
+
+
+def _last_error_line(log: str) -> str:
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip() and "cpuinfo" not in ln]
+    return lines[-1] if lines else ""
+
+
+class _Cursor:
+    """The position reached in the program's KV cache (which lives inside the program)."""
+
+    def __init__(self, limit: int) -> None:
+        self.position = 0
+        self.limit = limit
+
+
+@dataclass
+class _Config:
+    max_position_embeddings: int
+    vocab_size: int
+
+
+class ExecuTorchModel:
+    """An ExecuTorch artifact behind the reference runtime's generation contract: `cache =
+    model.new_cache()`, `model(ids [1, T], cache=cache)` → logits [1, 1, V] of the last token.
+    Prompts longer than the program's prefill length are fed in chunks. One conversation at a
+    time: `new_cache()` restarts at position 0 (the program's caches are overwritten in order)."""
+
+    def __init__(self, root: str | Path, *, checksums: bool = False) -> None:
+        quiet_imports()
+        from ossedge.targets.executorch.ptd import read_index
+
+        self.root = Path(root)
+        self.manifest = read_artifact_manifest(self.root, checksums=checksums)
+        read_index(self.root / "model.ptd")  # a clear error for a corrupt data file
+        self.kernels = load_kernels()
+        from executorch.extension.pybindings import portable_lib
+
+        # ExecuTorch logs CPU probing at load; keep it, and show it only when loading fails.
+        with tempfile.TemporaryDirectory() as d:
+            log = Path(d) / "load.log"
+            try:
+                with _stderr_to(log):
+                    self.program = portable_lib._load_for_executorch(
+                        str(self.root / "model.pte"), data_path=str(self.root / "model.ptd")
+                    )
+                    # one step at position 0 (overwritten by any real use) sets up the
+                    # thread pool and XNNPACK now, so their logs land here too
+                    self.program.forward((torch.zeros(1, 1, dtype=torch.long),
+                                          torch.zeros(1, dtype=torch.long)))
+            except (RuntimeError, ValueError) as e:
+                detail = _last_error_line(log.read_text(errors="replace")) or str(e)
+                raise ArtifactError(
+                    f"{self.root}: ExecuTorch cannot load model.pte with model.ptd ({detail}); "
+                    "the files are corrupt or do not belong together — convert again"
+                ) from None
+        m = self.manifest
+        self.max_prefill = int(m["max_prefill"])
+        self.max_context = int(m["max_context"])
+        self.config = _Config(self.max_context, int(m["methods"]["get_vocab_size"]))
+
+    def new_cache(self, *, batch_size: int = 1, max_context: int | None = None) -> _Cursor:
+        if batch_size != 1:
+            raise ValueError("an ExecuTorch artifact runs one sequence (batch size 1)")
+        return _Cursor(min(max_context or self.max_context, self.max_context))
+
+    def forward_chunk(self, ids: torch.Tensor, position: int) -> torch.Tensor:
+        """Run `forward` once: ids [1, T ≤ max_prefill] at `position` → logits [V] (float32)."""
+        try:
+            out = self.program.forward((ids, torch.tensor([position], dtype=torch.long)))
+        except RuntimeError as e:
+            raise ArtifactError(f"{self.root}: forward failed ({e})") from None
+        return out[0].reshape(-1)
+
+    def __call__(
+        self, input_ids: torch.Tensor, *, cache: _Cursor | None = None, last_only: bool = True
+    ) -> torch.Tensor:
+        if cache is None:
+            raise ValueError("an ExecuTorch artifact needs cache=model.new_cache()")
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"input_ids must be [1, T], got shape {tuple(input_ids.shape)}")
+        t = input_ids.shape[1]
+        if cache.position + t > cache.limit:
+            raise OssedgeError(
+                f"context full: {cache.position} + {t} tokens exceed the artifact's context of "
+                f"{cache.limit}; convert with a larger --max-context or shorten the prompt"
+            )
+        ids = input_ids.to(torch.long)
+        for a in range(0, t, self.max_prefill):
+            logits = self.forward_chunk(ids[:, a : a + self.max_prefill], cache.position)
+            cache.position += min(self.max_prefill, t - a)
+        return logits[None, None]
+
+
+def verify_artifact(
+    root: str | Path,
+    reference: str | Path,
+    *,
+    tokens: int | None = None,
+    tolerance: float | None = None,
+    progress: bool = False,
+) -> dict:
+    """Teacher-forced decode of `tokens` tokens of the packaged evaluation text through the
+    artifact (a prefill chunk, then one token per call, past the sliding window and the ring's
+    wrap), compared at every step with the reference runtime applying the same recipe
+    (max_abs_err, rel_err = max over steps of |Δlogits|₂/|logits|₂, top1_same; pass when rel_err ≤
+    tolerance) and with the unquantized reference (kl_mean, top1)."""
+    import time
+
+    from tqdm import tqdm
+
+    from ossedge.runtime.checkpoint import open_checkpoint
+    from ossedge.runtime.evaluate import default_text, token_metrics
+    from ossedge.runtime.model import build_model
+    from ossedge.runtime.quantized import QuantizedCheckpoint, QuantizedView
+    from ossedge.runtime.tokenizer import Tokenizer
+
+    t0 = time.perf_counter()
+    model = ExecuTorchModel(root, checksums=True)
+    manifest = model.manifest
+    recipe = manifest["recipe"]
+    ckpt = open_checkpoint(reference)
+    tok_art = Tokenizer.from_dir(root)
+    tok_ref = Tokenizer.from_dir(reference)
+    if tok_art.vocab_size != tok_ref.vocab_size or tok_art.encode("def f(x):\n") != tok_ref.encode(
+        "def f(x):\n"
+    ):
+        raise ArtifactError(f"{root} and {reference} use different tokenizers; not comparable")
+    if ckpt.config.to_hf_dict() != manifest["config"]:
+        raise ArtifactError(f"{root} was not converted from a model with {reference}'s config")
+    cfg = ckpt.config
+    n = tokens or min(2 * cfg.sliding_window + 16, model.max_context)
+    if not 2 <= n <= model.max_context:
+        raise ValueError(f"--tokens must be 2..{model.max_context} (the artifact's context)")
+    text, _ = default_text()
+    ids = tok_ref.encode(text)[:n]
+    if len(ids) < n:
+        raise ValueError(f"the evaluation text has only {len(ids)} tokens; use --tokens ≤ that")
+    if isinstance(ckpt, QuantizedCheckpoint):
+        if ckpt.recipe != recipe:
+            raise ArtifactError(
+                f"{reference} is quantized with recipe {ckpt.recipe}, the artifact with {recipe}; "
+                "give the original checkpoint as --reference"
+            )
+        same, plain = build_model(ckpt), None
+    else:
+        same, plain = build_model(QuantizedView(ckpt, recipe)), build_model(ckpt)
+    x = torch.tensor([ids], dtype=torch.long)
+    ref_same = same(x)[0].float()
+    del same
+    ref_plain = plain(x)[0].float() if plain is not None else None
+    del plain
+    prefill = min(model.max_prefill, max(1, n // 4))
+    got = [None] * n
+    cache = model.new_cache()
+    got[prefill - 1] = model(x[:, :prefill], cache=cache)[0, 0]
+    for i in tqdm(range(prefill, n), desc="verify", unit="tok", disable=not progress):
+        got[i] = model(x[:, i : i + 1], cache=cache)[0, 0]
+    steps = list(range(prefill - 1, n))
+    art = torch.stack([got[i] for i in steps])
+    ref = ref_same[steps]
+    diff = art - ref
+    rel = (diff.norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-12)).max().item()
+    quantized_linears = recipe != "native"
+    tol = tolerance if tolerance is not None else (
+        TOLERANCE_QUANTIZED if quantized_linears else TOLERANCE_FLOAT
+    )
+    targets = torch.tensor(ids[prefill:] + [ids[-1]])  # next tokens (last one a dummy)
+    vs = ref_plain[steps] if ref_plain is not None else ref
+    m = token_metrics(art, vs, targets)
+    return {
+        "tokens": n,
+        "prefill_tokens": prefill,
+        "steps_compared": len(steps),
+        "max_abs_err": diff.abs().max().item(),
+        "rel_err": rel,
+        "top1_same": (art.argmax(-1) == ref.argmax(-1)).double().mean().item(),
+        "kl_mean": m["kl"].mean().item(),
+        "top1": m["agree"].mean().item(),
+        "unquantized_reference": ref_plain is not None,
+        "tolerance": tol,
+        "passed": rel <= tol,
+        "recipe": recipe,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }

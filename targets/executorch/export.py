@@ -1,0 +1,306 @@
+"""Checkpoint → ExecuTorch artifact (`model.pte` + `model.ptd` + `tokenizer.json` + manifest).
+
+Stages: build the exportable model (weights per the recipe; expert bytes as zero placeholders) →
+torch.export → lower the linear layers to XNNPACK (torchao int4/int8 weights, int8 dynamic
+activations) → to_executorch with every constant external → save the program and a placeholder
+data file → rewrite the data file with the real expert bytes streamed from the checkpoint. The
+12 GB of 20b experts therefore never pass through the exporter (which copies each constant into
+Python bytes): the placeholders are identical zeros, deduplicated to one copy per shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ossedge.quantize.qtensor import INT4_GROUP, QTensor
+from ossedge.runtime.errors import OssedgeError
+from ossedge.runtime.executorch import quiet_imports
+from ossedge.targets.executorch import ptd
+from ossedge.targets.executorch.model import ExportableGptOss, expert_constants
+
+CONTRACT_VERSION = 1
+PTE, PTD, TOKENIZER, MANIFEST = "model.pte", "model.ptd", "tokenizer.json", "manifest.json"
+DATA_TAG = "model"  # the data file every external constant goes to (model.ptd)
+
+
+class ExportError(OssedgeError):
+    """The checkpoint cannot be exported with these settings."""
+
+
+def xnnpack_linear(w: torch.Tensor | QTensor, b: torch.Tensor | None) -> nn.Module:
+    """nn.Linear for XNNPACK: int4-g32 / int8-ch weights become torchao `IntxUnpackedToInt8Tensor`s
+    built from the stored codes (no re-quantization) with int8 dynamic per-token activations —
+    the pattern XNNPACK lowers to QB4W / QC8W kernels. Float weights stay float32."""
+    quiet_imports()
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8Tensor,
+        IntxUnpackedToInt8TensorActivationQuantization as ActQuant,
+    )
+
+    if not isinstance(w, QTensor):
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+        lin.weight = nn.Parameter(w.float(), requires_grad=False)
+    else:
+        n, k = w.shape
+        if w.fmt == "int8-ch":
+            q = w.parts["q"]
+            scale = w.parts["scale"].float().reshape(n, 1)
+            target, block = torch.int8, (1, k)
+        elif w.fmt == "int4-g32":
+            packed = w.parts["q"]
+            low = (packed & 15).to(torch.int8) - 8
+            high = (packed >> 4).to(torch.int8) - 8
+            q = torch.stack([low, high], dim=-1).reshape(n, k)
+            scale = w.parts["scale"].float()
+            target, block = torch.int4, (1, INT4_GROUP)
+        else:
+            raise ExportError(f"linear weights stored as {w.fmt} are not supported by XNNPACK")
+        weight = IntxUnpackedToInt8Tensor(
+            q,
+            scale,
+            torch.zeros(scale.shape, dtype=torch.int8),
+            target,
+            block,
+            torch.float32,
+            ActQuant.INT8_ASYM_PER_TOKEN,
+        )
+        lin = nn.Linear(k, n, bias=b is not None, device="meta")
+        lin.weight = nn.Parameter(weight, requires_grad=False)
+    if b is not None:
+        lin.bias = nn.Parameter(b.float(), requires_grad=False)
+    return lin
+
+
+def metadata(model: ExportableGptOss, tokenizer) -> dict[str, Any]:
+    """Constant methods ExecuTorch's LLM runners read (names as they expect them)."""
+    from ossedge.runtime.tokenizer import generation_ids
+
+    ids = generation_ids(tokenizer)
+    return {
+        "get_max_seq_len": model.max_prefill,
+        "get_max_context_len": model.max_context,
+        "get_vocab_size": model.config.vocab_size,
+        "get_bos_id": ids["bos_token_id"],
+        "get_eos_ids": list(ids["eos_token_id"]),
+        "use_kv_cache": True,
+        "enable_dynamic_shape": True,
+    }
+
+
+def export_program(
+    model: ExportableGptOss, methods: dict[str, Any], stage: Callable[[str], None] = lambda s: None
+):
+    """torch.export → XNNPACK lowering → ExecutorchProgramManager (every constant external)."""
+    quiet_imports()
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import (
+        EdgeCompileConfig,
+        ExecutorchBackendConfig,
+        to_edge_transform_and_lower,
+    )
+    from executorch.exir.passes.external_constants_pass import (
+        delegate_external_constants_pass_unlifted,
+    )
+    from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
+
+    tokens = torch.zeros(1, min(2, model.max_prefill), dtype=torch.long)
+    args = (tokens, torch.tensor([0], dtype=torch.long))
+    t = torch.export.Dim("T", min=1, max=model.max_prefill)
+    dynamic = {"tokens": {1: t}, "input_pos": None}
+    stage("export")
+    with torch.no_grad():
+        ep = torch.export.export(model, args, dynamic_shapes=dynamic, strict=False)
+        # XNNPACK's packed weights go to the data file too (the tag names the file).
+        module = ep.module()
+        delegate_external_constants_pass_unlifted(module, lambda node: DATA_TAG)
+        ep = torch.export.export(module, args, dynamic_shapes=dynamic, strict=False)
+    stage("lower")
+    edge = to_edge_transform_and_lower(
+        ep,
+        partitioner=[XnnpackPartitioner()],
+        compile_config=EdgeCompileConfig(_check_ir_validity=False),
+        constant_methods=methods,
+    )
+    stage("emit")
+    return edge.to_executorch(
+        ExecutorchBackendConfig(
+            passes=[InitializedMutableBufferPass(["k_cache", "v_cache"])],
+            external_constants=lambda node: DATA_TAG,
+        )
+    )
+
+
+def write_program(program, model: ExportableGptOss, source, out: Path, progress: bool) -> None:
+    """model.pte and model.ptd into `out`; the .ptd gets the real expert bytes."""
+    with open(out / PTE, "wb") as f:
+        program.write_to_file(f)
+    staging = out / ".placeholder"
+    staging.mkdir()
+    program.write_tensor_data_to_file(str(staging))
+    placeholder = staging / PTD
+    if not placeholder.is_file():
+        raise ExportError("the exporter wrote no data file; constants were not made external")
+    replace = {}
+    for fqn, (layer, buf) in expert_constants(model).items():
+        replace[fqn] = _expert_part(source, layer, buf)
+    ptd.rewrite(placeholder, out / PTD, replace, progress=progress)
+    shutil.rmtree(staging)
+
+
+_PART = {"gate_up_data": (0, 0), "gate_up_scale": (0, 1), "down_data": (1, 0), "down_scale": (1, 1)}
+
+
+def _expert_part(source, layer: int, buf: str) -> Callable[[], torch.Tensor]:
+    """A thunk returning the stored bytes of one expert part (read when it is written)."""
+    which, part = _PART[buf]
+    name = ("gate_up_proj", "down_proj")[which]
+
+    def read() -> torch.Tensor:
+        w = source.weight(f"model.layers.{layer}.mlp.experts.{name}")
+        return list(w.parts.values())[part]
+
+    return read
+
+
+def sizes(out: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def manifest_json(out: Path, data: dict[str, Any]) -> None:
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, out / MANIFEST)
+
+
+def weight_source(ckpt_path: str | Path, recipe: str | None):
+    """(source with `.config` and `.weight(name)`, recipe name): a quantized checkpoint as it is,
+    or a plain one with the recipe applied in memory weight by weight."""
+    from ossedge.quantize.recipes import DEFAULT_RECIPE
+    from ossedge.runtime.checkpoint import open_checkpoint
+    from ossedge.runtime.quantized import QuantizedCheckpoint, QuantizedView
+
+    ckpt = open_checkpoint(ckpt_path)
+    if isinstance(ckpt, QuantizedCheckpoint):
+        if recipe is not None and recipe != ckpt.recipe:
+            raise ExportError(
+                f"{ckpt_path} is already quantized with recipe {ckpt.recipe}; convert the "
+                f"original checkpoint for --recipe {recipe}, or drop --recipe"
+            )
+        return ckpt, ckpt.recipe
+    name = recipe or DEFAULT_RECIPE
+    return QuantizedView(ckpt, name), name
+
+
+def convert(
+    ckpt_path: str | Path,
+    out: str | Path,
+    *,
+    recipe: str | None = None,
+    max_context: int | None = None,
+    max_prefill: int | None = None,
+    force: bool = False,
+    progress: bool = False,
+    verify_tokens: int | None = None,
+) -> dict[str, Any]:
+    """Convert a checkpoint into an ExecuTorch artifact directory `out` (atomically); verify it
+    against the checkpoint unless `verify_tokens` is 0. Returns the manifest."""
+    import time
+
+    from tqdm import tqdm
+
+    from ossedge import __version__
+    from ossedge.runtime.atomic import atomic_dir, check_output
+    from ossedge.runtime.quantized import sha256_file
+    from ossedge.runtime.tokenizer import Tokenizer
+
+    out = Path(out)
+    check_output(out, force=force)
+    t0 = time.perf_counter()
+    source, recipe_name = weight_source(ckpt_path, recipe)
+    cfg = source.config
+    max_prefill = max_prefill or cfg.sliding_window
+    max_context = max_context or min(DEFAULT_CONTEXT, cfg.max_position_embeddings)
+    if not 1 <= max_prefill <= cfg.sliding_window:
+        raise ExportError(
+            f"--max-prefill must be 1..{cfg.sliding_window} (the sliding window), got {max_prefill}"
+        )
+    if not max_prefill <= max_context <= cfg.max_position_embeddings:
+        raise ExportError(
+            f"--max-context must be {max_prefill}..{cfg.max_position_embeddings} for this model, "
+            f"got {max_context}"
+        )
+    tokenizer = Tokenizer.from_dir(Path(ckpt_path))
+    stages = ["build", "export", "lower", "emit", "write"]
+    bar = tqdm(total=len(stages), desc="convert", unit="stage", disable=not progress)
+    timings: dict[str, float] = {}
+    last = [time.perf_counter(), "build"]
+
+    def stage(name: str) -> None:
+        now = time.perf_counter()
+        timings[last[1]] = round(now - last[0], 2)
+        last[:] = [now, name]
+        bar.set_postfix_str(name)
+        bar.update(1)
+
+    bar.set_postfix_str("build")
+    model = ExportableGptOss(
+        source,
+        max_context=max_context,
+        max_prefill=max_prefill,
+        make_linear=xnnpack_linear,
+        placeholders=True,
+    ).eval()
+    methods = metadata(model, tokenizer)
+    with atomic_dir(out, force=force) as tmp:
+        program = export_program(model, methods, stage)
+        stage("write")
+        write_program(program, model, source, tmp, progress)
+        del program
+        stage("done")
+        bar.close()
+        shutil.copyfile(Path(tokenizer.source), tmp / TOKENIZER)
+        manifest: dict[str, Any] = {
+            "format": "ossedge-executorch",
+            "contract_version": CONTRACT_VERSION,
+            "ossedge_version": __version__,
+            "files": {
+                n: {"bytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)}
+                for n in (PTE, PTD, TOKENIZER)
+            },
+            "recipe": recipe_name,
+            "linear_activations": "int8 dynamic per token (XNNPACK) for int4/int8 weights",
+            "experts": {"format": model.blocks[0].mlp.fmt, "op": model.blocks[0].mlp.op_name,
+                        "kernel_library": "libossedge_kernels.so"},
+            "max_context": max_context,
+            "max_prefill": max_prefill,
+            "methods": methods,
+            "config": cfg.to_hf_dict(),
+            "source": str(Path(ckpt_path).resolve()),
+            "convert": {"seconds": round(time.perf_counter() - t0, 1), "stages_s": timings},
+        }
+        manifest_json(tmp, manifest)
+        if verify_tokens != 0:
+            from ossedge.runtime.executorch import verify_artifact
+
+            result = verify_artifact(tmp, ckpt_path, tokens=verify_tokens, progress=progress)
+            manifest["verify"] = result
+            manifest_json(tmp, manifest)
+            if not result["passed"]:
+                from ossedge.runtime.errors import ParityError
+
+                raise ParityError(
+                    f"the converted artifact does not match the reference: rel_err "
+                    f"{result['rel_err']:.4g} > tolerance {result['tolerance']}; nothing written"
+                )
+    return manifest
+
+
+DEFAULT_CONTEXT = 4096

@@ -1,0 +1,317 @@
+"""gpt-oss in the form torch.export and ExecuTorch want: one static graph, the KV caches inside.
+
+`forward(tokens [1, T], input_pos [1]) -> logits [1, V]` (float32, the last token only), T from 1
+to `max_prefill`. Caches are mutable buffers, zero-initialised (the export marks them so the
+program starts from zeros, not from whatever the memory arena held):
+
+  full-attention layers   k/v [1, KV, C, D], position p in slot p (C = max_context)
+  sliding-window layers   k/v [1, KV, W, D], a ring: position p in slot p % W (W = sliding_window)
+
+A sliding layer attends over the ring as it was before this call plus the new keys, then the new
+keys overwrite their slots — so prefill chunks are limited to W tokens (`max_prefill` ≤ W), which
+keeps every shape static apart from T. Sinks are the extra softmax column; YaRN cos/sin tables
+for the C positions are precomputed buffers.
+
+Weights follow the recipe: experts stay as stored (MXFP4 or int4) and go through the
+`ossedge::moe_*` operators; quantized linear layers become torchao tensors that XNNPACK lowers
+(see `export.py`); the embedding table stays quantized and only the looked-up rows are decoded.
+Expert weights may be zero placeholders of the right shape: the exporter writes the real bytes
+into the .ptd itself, so they never pass through the exporter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ossedge.quantize.qtensor import INT4_GROUP, QTensor
+from ossedge.runtime.config import GptOssConfig
+from ossedge.runtime.model import SWIGLU_ALPHA, rope_tables
+from ossedge.targets.executorch import ops  # noqa: F401  (registers ossedge::moe_*)
+
+EXPERT_KINDS = {"mxfp4": ("blocks", "scales"), "int4-g32": ("q", "scale")}
+EXPERT_OP = {"mxfp4": "moe_mxfp4", "int4-g32": "moe_int4"}
+# Names of the expert tensors inside the exported program (constants the exporter fills itself).
+EXPERT_BUFFERS = ("gate_up_data", "gate_up_scale", "down_data", "down_scale")
+
+LinearFactory = Callable[["torch.Tensor | QTensor", "torch.Tensor | None"], nn.Module]
+
+
+def dense_linear(w: torch.Tensor | QTensor, b: torch.Tensor | None) -> nn.Module:
+    """A float32 nn.Linear holding the (decoded) weight."""
+    weight = w.dequantize(torch.float32) if isinstance(w, QTensor) else w.float()
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=b is not None)
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    if b is not None:
+        lin.bias = nn.Parameter(b.float(), requires_grad=False)
+    return lin
+
+
+def zeros_placeholder(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Zeros that cost no memory until written (calloc'd pages): the stand-in for expert bytes."""
+    np_dtype = {torch.uint8: np.uint8, torch.float16: np.float16}[dtype]
+    return torch.from_numpy(np.zeros(shape, dtype=np_dtype))
+
+
+class Embedding(nn.Module):
+    """Row lookup into a dense, int8-per-row or int4-g32 table; only the looked-up rows are
+    decoded (float32)."""
+
+    def __init__(self, w: torch.Tensor | QTensor) -> None:
+        super().__init__()
+        self.fmt = w.fmt if isinstance(w, QTensor) else "dense"
+        if self.fmt == "dense":
+            self.register_buffer("table", w)
+        elif self.fmt in ("int8-ch", "int4-g32"):
+            self.register_buffer("table", w.parts["q"])
+            self.register_buffer("scale", w.parts["scale"])
+        else:
+            raise ValueError(f"embedding format {self.fmt} is not supported by this target")
+        self.dim = w.shape[-1]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids [T] → [T, H]
+        rows = self.table.index_select(0, ids)
+        if self.fmt == "dense":
+            return rows.float()
+        scale = self.scale.index_select(0, ids).float()
+        if self.fmt == "int8-ch":
+            return rows.float() * scale[:, None]
+        low = (rows & 15).to(torch.int16) - 8  # element 2k low nibble, 2k+1 high, offset 8
+        high = (rows >> 4).to(torch.int16) - 8
+        q = torch.stack([low, high], dim=-1).reshape(ids.shape[0], -1, INT4_GROUP)
+        return (q.float() * scale[:, :, None]).reshape(ids.shape[0], self.dim)
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        cfg: GptOssConfig,
+        layer: int,
+        t: dict[str, torch.Tensor | QTensor],
+        make_linear: LinearFactory,
+        *,
+        max_context: int,
+    ) -> None:
+        super().__init__()
+        self.kv, self.d = cfg.num_key_value_heads, cfg.head_dim
+        self.g = cfg.num_attention_heads // self.kv
+        self.sliding = cfg.is_sliding(layer)
+        self.window = cfg.sliding_window
+        self.q_proj = make_linear(t["q_w"], t["q_b"])
+        self.k_proj = make_linear(t["k_w"], t["k_b"])
+        self.v_proj = make_linear(t["v_w"], t["v_b"])
+        self.o_proj = make_linear(t["o_w"], t["o_b"])
+        self.register_buffer("sinks", t["sinks"].float().view(self.kv, self.g, 1, 1))
+        slots = self.window if self.sliding else max_context
+        self.register_buffer("k_cache", torch.zeros(1, self.kv, slots, self.d))
+        self.register_buffer("v_cache", torch.zeros(1, self.kv, slots, self.d))
+
+    def forward(
+        self, x: torch.Tensor, start: torch.Tensor, pos: torch.Tensor, cos, sin
+    ) -> torch.Tensor:
+        t = x.shape[0]  # x [T, H]
+        kv, g, d = self.kv, self.g, self.d
+        q = _rope(self.q_proj(x).view(t, kv * g, d), cos, sin)
+        k = _rope(self.k_proj(x).view(t, kv, d), cos, sin).transpose(0, 1)[None]  # [1,KV,T,D]
+        v = self.v_proj(x).view(t, kv, d).transpose(0, 1)[None]
+        if self.sliding:
+            w = self.window
+            slot = torch.arange(w)
+            # the position each slot holds before this call: the latest p < start with p ≡ slot
+            # (mod w); operands kept non-negative, where remainder and fmod kernels agree
+            ring_pos = start - 1 - torch.remainder(start + w - 1 - slot, w)
+            keys = torch.cat([self.k_cache, k], dim=2)
+            values = torch.cat([self.v_cache, v], dim=2)
+            key_pos = torch.cat([ring_pos, pos])
+            visible = (key_pos[None, :] >= 0) & (key_pos[None, :] <= pos[:, None])
+            visible = visible & (pos[:, None] - key_pos[None, :] < w)
+            slots = torch.remainder(pos, w)
+            self.k_cache.index_copy_(2, slots, k)
+            self.v_cache.index_copy_(2, slots, v)
+        else:
+            self.k_cache.index_copy_(2, pos, k)
+            self.v_cache.index_copy_(2, pos, v)
+            keys, values = self.k_cache, self.v_cache
+            key_pos = torch.arange(self.k_cache.shape[2])
+            visible = key_pos[None, :] <= pos[:, None]
+        q = q.view(t, kv, g, d).permute(1, 2, 0, 3)  # [KV, G, T, D]
+        scores = torch.matmul(q, keys[0][:, None].transpose(-1, -2)) / math.sqrt(d)  # [KV,G,T,S]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        sinks = self.sinks.expand(kv, g, t, 1)
+        probs = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)
+        s = scores.shape[-1]
+        out = torch.matmul(probs[..., :s], values[0][:, None])  # [KV, G, T, D]
+        out = out.permute(2, 0, 1, 3).reshape(t, kv * g * d)
+        return self.o_proj(out)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NeoX half-split rotation of x [T, N, D] with cos, sin [T, D/2]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+class MoE(nn.Module):
+    """Router (top-k of the logits, softmax over the k) and the experts through `ossedge::moe_*`."""
+
+    def __init__(
+        self,
+        cfg: GptOssConfig,
+        t: dict[str, torch.Tensor | QTensor],
+        make_linear: LinearFactory,
+        *,
+        placeholders: bool,
+    ) -> None:
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.limit = float(cfg.swiglu_limit)
+        self.router = make_linear(t["router_w"], t["router_b"])
+        fmt = t["gate_up"].fmt if isinstance(t["gate_up"], QTensor) else "dense"
+        if fmt not in EXPERT_KINDS:
+            raise ValueError(
+                f"experts stored as {fmt}: this target runs MXFP4 or int4-g32 experts "
+                "(use recipe mobile, mobile-int8 or int4)"
+            )
+        self.fmt, self.op_name = fmt, f"ossedge::{EXPERT_OP[fmt]}"
+        self.op = getattr(torch.ops.ossedge, EXPERT_OP[fmt])
+        data, scale = EXPERT_KINDS[fmt]
+        for prefix, w in (("gate_up", t["gate_up"]), ("down", t["down"])):
+            for part, buf in ((data, "data"), (scale, "scale")):
+                tensor = w.parts[part]
+                if placeholders:
+                    tensor = zeros_placeholder(tuple(tensor.shape), tensor.dtype)
+                self.register_buffer(f"{prefix}_{buf}", tensor)
+        self.register_buffer("gate_up_bias", t["gate_up_b"].float())
+        self.register_buffer("down_bias", t["down_b"].float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, H]
+        top_v, top_i = torch.topk(self.router(x), self.top_k, dim=-1)
+        weights = torch.softmax(top_v, dim=-1)
+        return self.op(
+            x, top_i, weights,
+            self.gate_up_data, self.gate_up_scale, self.gate_up_bias,
+            self.down_data, self.down_scale, self.down_bias,
+            self.limit, SWIGLU_ALPHA,
+        )  # fmt: skip
+
+
+class Block(nn.Module):
+    def __init__(self, attn: Attention, mlp: MoE, norms: tuple[torch.Tensor, torch.Tensor], eps):
+        super().__init__()
+        self.attn, self.mlp, self.eps = attn, mlp, eps
+        self.register_buffer("attn_norm", norms[0].float())
+        self.register_buffer("mlp_norm", norms[1].float())
+
+    def forward(self, x, start, pos, cos, sin) -> torch.Tensor:
+        x = x + self.attn(_rms(x, self.attn_norm, self.eps), start, pos, cos, sin)
+        return x + self.mlp(_rms(x, self.mlp_norm, self.eps))
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+_ATTN = {
+    "q_w": "self_attn.q_proj.weight",
+    "q_b": "self_attn.q_proj.bias",
+    "k_w": "self_attn.k_proj.weight",
+    "k_b": "self_attn.k_proj.bias",
+    "v_w": "self_attn.v_proj.weight",
+    "v_b": "self_attn.v_proj.bias",
+    "o_w": "self_attn.o_proj.weight",
+    "o_b": "self_attn.o_proj.bias",
+    "sinks": "self_attn.sinks",
+}
+_MLP = {
+    "router_w": "mlp.router.weight",
+    "router_b": "mlp.router.bias",
+    "gate_up": "mlp.experts.gate_up_proj",
+    "gate_up_b": "mlp.experts.gate_up_proj_bias",
+    "down": "mlp.experts.down_proj",
+    "down_b": "mlp.experts.down_proj_bias",
+}
+
+
+class ExportableGptOss(nn.Module):
+    """The whole model for export; see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        source,
+        *,
+        max_context: int,
+        max_prefill: int,
+        make_linear: LinearFactory = dense_linear,
+        placeholders: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        super().__init__()
+        cfg: GptOssConfig = source.config
+        if not 1 <= max_prefill <= cfg.sliding_window:
+            raise ValueError(f"max_prefill must be 1..{cfg.sliding_window} (the sliding window)")
+        if not max_prefill <= max_context <= cfg.max_position_embeddings:
+            raise ValueError(
+                f"max_context must be {max_prefill}..{cfg.max_position_embeddings}, "
+                f"got {max_context}"
+            )
+        self.config = cfg
+        self.max_context, self.max_prefill = max_context, max_prefill
+        blocks = []
+        for n in range(cfg.num_hidden_layers):
+            p = f"model.layers.{n}."
+            attn = {k: source.weight(p + v) for k, v in _ATTN.items()}
+            mlp = {k: source.weight(p + v) for k, v in _MLP.items()}
+            norms = tuple(
+                source.weight(p + s)
+                for s in ("input_layernorm.weight", "post_attention_layernorm.weight")
+            )
+            blocks.append(
+                Block(
+                    Attention(cfg, n, attn, make_linear, max_context=max_context),
+                    MoE(cfg, mlp, make_linear, placeholders=placeholders),
+                    norms,
+                    cfg.rms_norm_eps,
+                )
+            )
+            if progress:
+                progress(n)
+        self.blocks = nn.ModuleList(blocks)
+        self.embed = Embedding(source.weight("model.embed_tokens.weight"))
+        self.register_buffer("norm", source.weight("model.norm.weight").float())
+        self.lm_head = make_linear(source.weight("lm_head.weight"), None)
+        cos, sin = rope_tables(cfg, torch.arange(max_context))
+        self.register_buffer("rope_cos", cos)
+        self.register_buffer("rope_sin", sin)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        t = tokens.shape[1]
+        start = input_pos[0]
+        pos = start + torch.arange(t)
+        cos, sin = self.rope_cos.index_select(0, pos), self.rope_sin.index_select(0, pos)
+        x = self.embed(tokens[0])
+        for block in self.blocks:
+            x = block(x, start, pos, cos, sin)
+        x = _rms(x[-1:], self.norm, self.config.rms_norm_eps)
+        return self.lm_head(x)  # [1, V]
+
+    def reset(self) -> None:
+        """Empty the KV caches (eager use)."""
+        for block in self.blocks:
+            block.attn.k_cache.zero_()
+            block.attn.v_cache.zero_()
+
+
+def expert_constants(model: ExportableGptOss) -> dict[str, tuple[int, str]]:
+    """FQN of every expert byte buffer → (layer, buffer name): what the exporter fills in."""
+    return {
+        f"blocks.{n}.mlp.{buf}": (n, buf)
+        for n in range(len(model.blocks))
+        for buf in EXPERT_BUFFERS
+    }

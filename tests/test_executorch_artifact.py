@@ -1,0 +1,239 @@
+"""ExecuTorch artifacts end to end: `ossedge convert --target executorch` on the bundled model and
+a synthetic one, parity with the reference runtime (prefill chunks and token-by-token decode past
+the sliding window and the ring's wrap), the artifact contract, generate/verify on artifacts, and
+broken artifacts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from clitools import assert_one_line_error, run
+
+from ossedge.assets import default_model_dir
+from ossedge.runtime.checkpoint import open_checkpoint
+from ossedge.runtime.executorch import (
+    TOLERANCE_QUANTIZED,
+    ArtifactError,
+    ExecuTorchModel,
+    verify_artifact,
+)
+from ossedge.runtime.model import build_model
+from ossedge.runtime.quantized import QuantizedView
+from ossedge.targets.executorch.export import convert
+from ossedge.targets.executorch.ptd import PtdError, read_index, rewrite
+
+CONTEXT = 160
+CHUNKS = [20, 32, 7, 1, 1, 30, 9] + [1] * 20  # 120 tokens: past the window (32), ring wraps 3×
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    """The bundled trained model, recipe mobile (MXFP4 experts, int4 linears), verified."""
+    out = tmp_path_factory.mktemp("et") / "tiny-et"
+    convert(default_model_dir(), out, max_context=CONTEXT, verify_tokens=72)
+    return out
+
+
+@pytest.fixture(scope="module")
+def artifact_int4(tmp_path_factory, synth, tiny_config) -> tuple[Path, Path]:
+    """A synthetic model (window 6) with recipe int4: int4-g32 experts through ossedge::moe_int4."""
+    ckpt = synth(config=tiny_config(num_layers=3, window=6))
+    out = tmp_path_factory.mktemp("et") / "synth-int4"
+    convert(ckpt, out, recipe="int4", max_context=64, verify_tokens=0)
+    return ckpt, out
+
+
+def _parity(art: Path, ckpt: Path, recipe: str, chunks: list[int]) -> tuple[float, float]:
+    """Max relative logits error and top-1 agreement of the artifact fed in `chunks` vs the
+    reference runtime with the same recipe (full forward)."""
+    model = ExecuTorchModel(art)
+    ref = build_model(QuantizedView(open_checkpoint(ckpt), recipe))
+    n = sum(chunks)
+    ids = torch.randint(0, ref.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(1))
+    full = ref(ids)[0]
+    cache = model.new_cache()
+    worst, agree, p = 0.0, 0, 0
+    for step in chunks:
+        got = model(ids[:, p : p + step], cache=cache)[0, 0]
+        want = full[p + step - 1]
+        worst = max(worst, ((got - want).norm() / want.norm()).item())
+        agree += int(got.argmax() == want.argmax())
+        p += step
+    return worst, agree / len(chunks)
+
+
+def test_artifact_contract(artifact):
+    names = {p.name for p in artifact.iterdir()}
+    assert names == {"model.pte", "model.ptd", "tokenizer.json", "manifest.json"}
+    m = json.loads((artifact / "manifest.json").read_text())
+    assert m["format"] == "ossedge-executorch" and m["contract_version"] == 1
+    assert m["recipe"] == "mobile" and m["experts"]["op"] == "ossedge::moe_mxfp4"
+    assert m["max_context"] == CONTEXT and m["max_prefill"] == 32
+    for name, f in m["files"].items():
+        assert (artifact / name).stat().st_size == f["bytes"]
+    assert m["verify"]["passed"] and m["verify"]["tokens"] == 72
+    methods = m["methods"]
+    assert methods["get_max_seq_len"] == 32 and methods["get_max_context_len"] == CONTEXT
+    assert methods["use_kv_cache"] is True and methods["enable_dynamic_shape"] is True
+    # the program itself answers the LLM runner's metadata methods
+    model = ExecuTorchModel(artifact)
+    for name, value in methods.items():
+        got = model.program.run_method(name, ())
+        assert (list(got) if isinstance(value, list) else got[0]) == value, name
+    # every expert tensor has its own page-aligned segment in the data file
+    entries = read_index(artifact / "model.ptd").entries()
+    experts = [k for k in entries if ".mlp.gate_up_data" in k or ".mlp.down_data" in k]
+    assert len(experts) == 2 * 4
+    assert len({entries[k][0] for k in experts}) == len(experts)
+    assert all(entries[k][0] % 4096 == 0 for k in experts)
+
+
+def test_expert_bytes_are_the_checkpoints(artifact):
+    """The real MXFP4 bytes, not the export's placeholders, sit in model.ptd."""
+    ckpt = open_checkpoint(default_model_dir())
+    entries = read_index(artifact / "model.ptd").entries()
+    with open(artifact / "model.ptd", "rb") as f:
+        for layer in (0, 3):
+            w = ckpt.weight(f"model.layers.{layer}.mlp.experts.down_proj")
+            want = w.parts["blocks"].contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
+            offset, size = entries[f"blocks.{layer}.mlp.down_data"]
+            f.seek(offset)
+            assert size == len(want) and f.read(size) == want
+
+
+def test_parity_past_window_and_ring_wrap(artifact):
+    worst, agree = _parity(artifact, default_model_dir(), "mobile", CHUNKS)
+    assert worst < TOLERANCE_QUANTIZED, worst
+    assert agree >= 0.95
+
+
+def test_int4_experts_parity(artifact_int4):
+    ckpt, art = artifact_int4
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["experts"]["op"] == "ossedge::moe_int4"
+    worst, agree = _parity(art, ckpt, "int4", [5, 6, 1, 1, 1, 4, 1, 1, 1, 1, 1, 6, 1])
+    assert worst < TOLERANCE_QUANTIZED, worst
+
+
+def test_float_linears_are_exact(synth, tiny_config, tmp_path):
+    """Recipe native keeps linear layers in float: the program then computes exactly what the
+    reference does (the kernels and the graph add nothing but summation order)."""
+    ckpt = synth(config=tiny_config(num_layers=2, window=4))
+    out = tmp_path / "native"
+    convert(ckpt, out, recipe="native", max_context=32, verify_tokens=0)
+    worst, agree = _parity(out, ckpt, "native", [3, 4, 1, 1, 1, 2, 1, 1, 1, 1])
+    assert worst < 1e-4 and agree == 1.0, worst
+
+
+def test_verify_json_and_failure_exit(artifact):
+    p = run("verify", str(artifact), "--reference", str(default_model_dir()), "--tokens", "48",
+            "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    for key in ("max_abs_err", "rel_err", "kl_mean", "top1", "tokens", "passed"):
+        assert key in r
+    assert r["passed"] and r["tokens"] == 48 and 0.9 <= r["top1_same"] <= 1.0
+    p = run("verify", str(artifact), "--reference", str(default_model_dir()), "--tokens", "48",
+            "--tolerance", "1e-9")
+    assert p.returncode == 3 and "FAILED" in p.stdout
+    assert_one_line_error(p, "exceeds the tolerance", code=3)
+
+
+def test_generate_on_artifact_matches_reference_greedy(artifact):
+    """Greedy text from the artifact equals the reference runtime with the same recipe for the
+    first tokens (quantized activations may flip a near-tie later)."""
+    from ossedge.runtime.generate import generate
+    from ossedge.runtime.sampling import Sampler
+    from ossedge.runtime.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(artifact)
+    prompt = tok.encode("def add(a, b):\n    return")
+    kw = {"max_new_tokens": 8, "sampler": Sampler(temperature=0), "stop_ids": []}
+    ref = build_model(QuantizedView(open_checkpoint(default_model_dir()), "mobile"))
+    want = generate(ref, tok, prompt, **kw).ids
+    got = generate(ExecuTorchModel(artifact), tok, prompt, **kw).ids
+    assert got[:4] == want[:4]
+    p = run("generate", str(artifact), "--prompt", "def add(a, b):", "--temperature", "0",
+            "--max-new-tokens", "8")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("def add(a, b):") and "tok/s" in p.stderr
+
+
+def test_prompt_longer_than_context(artifact):
+    p = run("generate", str(artifact), "--prompt", "x = 1\n" * 200, "--max-new-tokens", "2")
+    assert_one_line_error(p, "context window is 160")
+
+
+def _copy(artifact: Path, tmp_path: Path) -> Path:
+    bad = tmp_path / "bad"
+    shutil.copytree(artifact, bad)
+    return bad
+
+
+def test_corrupt_pte(artifact, tmp_path):
+    bad = _copy(artifact, tmp_path)
+    data = bytearray((bad / "model.pte").read_bytes())
+    data[:64] = b"\0" * 64
+    (bad / "model.pte").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="cannot load model.pte"):
+        ExecuTorchModel(bad)
+    p = run("verify", str(bad), "--reference", str(default_model_dir()))
+    assert_one_line_error(p, "model.pte", "sha256")
+
+
+def test_missing_or_mismatched_ptd(artifact, artifact_int4, tmp_path):
+    bad = _copy(artifact, tmp_path)
+    (bad / "model.ptd").unlink()
+    p = run("generate", str(bad), "--prompt", "x")
+    assert_one_line_error(p, "model.ptd", "missing")
+    shutil.copyfile(artifact_int4[1] / "model.ptd", bad / "model.ptd")
+    p = run("generate", str(bad), "--prompt", "x")
+    assert_one_line_error(p, "model.ptd", "another conversion")
+
+
+def test_truncated_ptd_is_named(artifact, tmp_path):
+    bad = tmp_path / "t.ptd"
+    bad.write_bytes((artifact / "model.ptd").read_bytes()[:100000])
+    with pytest.raises(PtdError, match="truncated"):
+        read_index(bad)
+    junk = tmp_path / "junk.ptd"
+    junk.write_bytes(b"not a data file" * 10)
+    with pytest.raises(PtdError, match="bad header"):
+        read_index(junk)
+
+
+def test_rewrite_refuses_wrong_sizes(artifact, tmp_path):
+    key = "blocks.0.mlp.down_scale"
+    with pytest.raises(PtdError, match="checkpoint does not match"):
+        rewrite(artifact / "model.ptd", tmp_path / "x.ptd", {key: lambda: torch.zeros(3)})
+    with pytest.raises(PtdError, match="no constant named"):
+        rewrite(artifact / "model.ptd", tmp_path / "y.ptd", {"nope": lambda: torch.zeros(3)})
+
+
+def test_kernel_library_missing(artifact, tmp_path, monkeypatch):
+    monkeypatch.setenv("OSSEDGE_KERNELS", str(tmp_path / "nowhere.so"))
+    p = run("generate", str(artifact), "--prompt", "x")
+    assert_one_line_error(p, "kernel library is missing", "make install")
+
+
+def test_verify_with_other_model(artifact, synth):
+    with pytest.raises(ArtifactError):
+        verify_artifact(artifact, synth())
+
+
+def test_convert_bad_inputs(tmp_path):
+    out = tmp_path / "o"
+    p = run("convert", str(default_model_dir()), "-o", str(out), "--max-prefill", "33")
+    assert_one_line_error(p, "--max-prefill must be 1..32")
+    p = run("convert", str(tmp_path / "missing"), "-o", str(out))
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    out.mkdir()
+    p = run("convert", str(default_model_dir()), "-o", str(out))
+    assert_one_line_error(p, "already exists", "--force")
+    p = run("convert", str(default_model_dir()), "-o", str(out), "--target", "tflite")
+    assert p.returncode == 2
+    assert [x.name for x in tmp_path.iterdir()] == ["o"]  # nothing half-written beside it
