@@ -42,6 +42,9 @@ demo: install
 	$(BIN)/ossedge quantize $(MODEL) -o $(DEMO_DIR)/tiny-mobile --recipe mobile --force
 	$(BIN)/ossedge eval $(DEMO_DIR)/tiny-mobile --reference $(MODEL)
 	$(BIN)/ossedge generate $(DEMO_DIR)/tiny-mobile --prompt "class Stack:" --max-new-tokens 64 --temperature 0
+	$(BIN)/ossedge convert $(MODEL) --target executorch -o $(DEMO_DIR)/tiny-executorch --max-context 1024 --force
+	$(BIN)/ossedge verify $(DEMO_DIR)/tiny-executorch --reference $(MODEL)
+	$(BIN)/ossedge generate $(DEMO_DIR)/tiny-executorch --prompt "class Stack:" --max-new-tokens 64 --temperature 0
 
 # The arm64 (NEON) kernel path is tested under qemu-user: get the cross toolchain where apt can.
 ARM64_PKGS := g++-aarch64-linux-gnu qemu-user

@@ -237,3 +237,46 @@ def test_convert_bad_inputs(tmp_path):
     p = run("convert", str(default_model_dir()), "-o", str(out), "--target", "tflite")
     assert p.returncode == 2
     assert [x.name for x in tmp_path.iterdir()] == ["o"]  # nothing half-written beside it
+
+
+LLM_RUNNER_SCRIPT = r"""
+import sys
+from ossedge.runtime.executorch import load_kernels, quiet_imports
+quiet_imports()
+load_kernels()
+from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+d, prompt, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+runner = TextLLMRunner(f"{d}/model.pte", f"{d}/tokenizer.json", f"{d}/model.ptd")
+cfg = GenerationConfig()
+cfg.max_new_tokens, cfg.temperature, cfg.num_bos, cfg.echo = n, 0.0, 0, False
+pieces = []
+runner.generate(prompt, cfg, token_callback=pieces.append)
+sys.stdout.write("<<" + "".join(pieces) + ">>")
+"""
+
+
+@pytest.mark.parametrize("prompt", ["class Stack:", "import os\n" * 12])  # 1 and 2 prefill chunks
+def test_executorch_llm_runner_generates_the_same_text(artifact, prompt):
+    """ExecuTorch's own TextLLMRunner (with the kernel library loaded) runs the artifact and
+    greedily generates what `ossedge generate` generates from it."""
+    import subprocess
+    import sys
+
+    from ossedge.runtime.generate import generate
+    from ossedge.runtime.sampling import Sampler
+    from ossedge.runtime.tokenizer import Tokenizer
+
+    p = subprocess.run(
+        [sys.executable, "-c", LLM_RUNNER_SCRIPT, str(artifact), prompt, "12"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    runner_text = p.stdout.split("<<", 1)[1].rsplit(">>", 1)[0]
+    tok = Tokenizer.from_dir(artifact)
+    ids = tok.encode(prompt)
+    assert len(ids) > 32 or prompt == "class Stack:"
+    ours = generate(ExecuTorchModel(artifact), tok, ids, max_new_tokens=12,
+                    sampler=Sampler(temperature=0), stop_ids=[]).text
+    assert runner_text and len(runner_text) >= 8
+    shorter = min(len(runner_text), len(ours))
+    assert runner_text[:shorter] == ours[:shorter], (runner_text, ours)
