@@ -134,7 +134,9 @@ def read_artifact_manifest(root: Path, *, checksums: bool = False) -> dict:
     try:
         manifest = json.loads(file.read_text())
     except FileNotFoundError:
-        raise ArtifactError(f"{root}: no manifest.json; not an ossedge ExecuTorch artifact") from None
+        raise ArtifactError(
+            f"{root}: no manifest.json; not an ossedge ExecuTorch artifact"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ArtifactError(f"{file}: unreadable ({e}); convert the model again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:

@@ -53,7 +53,8 @@ def _parity(art: Path, ckpt: Path, recipe: str, chunks: list[int]) -> tuple[floa
     model = ExecuTorchModel(art)
     ref = build_model(QuantizedView(open_checkpoint(ckpt), recipe))
     n = sum(chunks)
-    ids = torch.randint(0, ref.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, ref.config.vocab_size, (1, n), generator=g)
     full = ref(ids)[0]
     cache = model.new_cache()
     worst, agree, p = 0.0, 0, 0
@@ -280,3 +281,10 @@ def test_executorch_llm_runner_generates_the_same_text(artifact, prompt):
     assert runner_text and len(runner_text) >= 8
     shorter = min(len(runner_text), len(ours))
     assert runner_text[:shorter] == ours[:shorter], (runner_text, ours)
+
+
+def test_chat_on_artifact(artifact):
+    p = run("chat", str(artifact), "--temperature", "0", "--max-new-tokens", "24",
+            stdin="Write a Python function named add.\n")
+    assert p.returncode == 0, p.stderr
+    assert "<|" not in p.stdout  # harmony markup parsed away, never printed

@@ -26,10 +26,9 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ossedge.quantize.qtensor import INT4_GROUP, QTensor
+from ossedge.quantize.qtensor import INT4_GROUP, QTensor, part_specs
 from ossedge.runtime.config import GptOssConfig
 from ossedge.runtime.model import SWIGLU_ALPHA, rope_tables
 from ossedge.targets.executorch import ops  # noqa: F401  (registers ossedge::moe_*)
@@ -56,6 +55,13 @@ def zeros_placeholder(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tenso
     """Zeros that cost no memory until written (calloc'd pages): the stand-in for expert bytes."""
     np_dtype = {torch.uint8: np.uint8, torch.float16: np.float16}[dtype]
     return torch.from_numpy(np.zeros(shape, dtype=np_dtype))
+
+
+def _placeholder(source, name: str) -> QTensor:
+    """The stored form of expert weight `name` with zero placeholder parts (nothing is read)."""
+    fmt, shape = source.formats[name], source.shapes[name]
+    parts = {p: zeros_placeholder(s, d) for p, (s, d) in part_specs(fmt, shape).items()}
+    return QTensor(fmt, shape, parts)
 
 
 class Embedding(nn.Module):
@@ -166,8 +172,6 @@ class MoE(nn.Module):
         cfg: GptOssConfig,
         t: dict[str, torch.Tensor | QTensor],
         make_linear: LinearFactory,
-        *,
-        placeholders: bool,
     ) -> None:
         super().__init__()
         self.top_k = cfg.num_experts_per_tok
@@ -184,10 +188,7 @@ class MoE(nn.Module):
         data, scale = EXPERT_KINDS[fmt]
         for prefix, w in (("gate_up", t["gate_up"]), ("down", t["down"])):
             for part, buf in ((data, "data"), (scale, "scale")):
-                tensor = w.parts[part]
-                if placeholders:
-                    tensor = zeros_placeholder(tuple(tensor.shape), tensor.dtype)
-                self.register_buffer(f"{prefix}_{buf}", tensor)
+                self.register_buffer(f"{prefix}_{buf}", w.parts[part])
         self.register_buffer("gate_up_bias", t["gate_up_b"].float())
         self.register_buffer("down_bias", t["down_b"].float())
 
@@ -267,7 +268,11 @@ class ExportableGptOss(nn.Module):
         for n in range(cfg.num_hidden_layers):
             p = f"model.layers.{n}."
             attn = {k: source.weight(p + v) for k, v in _ATTN.items()}
-            mlp = {k: source.weight(p + v) for k, v in _MLP.items()}
+            mlp = {
+                k: _placeholder(source, p + v) if placeholders and k in ("gate_up", "down")
+                else source.weight(p + v)
+                for k, v in _MLP.items()
+            }
             norms = tuple(
                 source.weight(p + s)
                 for s in ("input_layernorm.weight", "post_attention_layernorm.weight")
@@ -275,7 +280,7 @@ class ExportableGptOss(nn.Module):
             blocks.append(
                 Block(
                     Attention(cfg, n, attn, make_linear, max_context=max_context),
-                    MoE(cfg, mlp, make_linear, placeholders=placeholders),
+                    MoE(cfg, mlp, make_linear),
                     norms,
                     cfg.rms_norm_eps,
                 )

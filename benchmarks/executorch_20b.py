@@ -1,0 +1,150 @@
+"""Full-size benchmark of the ExecuTorch target on the synthetic gpt-oss-20b.
+
+    python -m ossedge.benchmarks.executorch_20b [--ckpt out/gpt-oss-20b-synth] [--out out/20b-et]
+        [--prompt 1024] [--gen 64] [--threads N] [--skip-convert]
+
+1. `ossedge convert CKPT --target executorch` in a child process: wall time and peak RSS (goals:
+   ≤ 15 min, ≤ 8 GB), artifact bytes.
+2. In another child: load the artifact, prefill a `--prompt`-token prompt (in chunks of the
+   program's prefill length), decode `--gen` tokens greedily; prefill and decode tok/s, RSS split
+   into anonymous and file-backed (memory-mapped weights).
+3. The roofline: bytes a decoded token must read (the 4 selected experts' MXFP4 bytes in each
+   layer, attention and router weights, the unembedding, one embedding row) ÷ the read bandwidth
+   measured here; decode time ÷ that lower bound (goal ≥ 70% means roofline/decode ≥ 0.7).
+Prints one JSON object. The checkpoint is synthesized first if missing (~6 min, 13.8 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ossedge.benchmarks.quantize_20b import _run_measured
+
+GB = 1e9
+
+
+def decode_bytes(manifest: dict) -> int:
+    """Bytes of weights one decoded token reads, from the artifact's config and recipe."""
+    from ossedge.quantize.qtensor import stored_bytes
+    from ossedge.quantize.recipes import get_recipe
+    from ossedge.runtime.checkpoint import logical_tensors
+    from ossedge.runtime.config import config_from_hf_dict
+
+    cfg = config_from_hf_dict(manifest["config"])
+    recipe = get_recipe(manifest["recipe"])
+    total = 0
+    for name, shape in logical_tensors(cfg):
+        if name.endswith(("_blocks", "_scales")):
+            continue
+        fmt = recipe.format_for(name, shape)
+        size = stored_bytes(fmt, shape) if fmt != "keep" else _numel(shape) * 2
+        if ".experts." in name and not name.endswith("_bias"):
+            size = size * cfg.num_experts_per_tok // cfg.num_local_experts
+        elif name == "model.embed_tokens.weight":
+            size = size // shape[0]  # one row
+        total += size
+    return total
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def read_bandwidth(gb: float = 2.0, runs: int = 5) -> float:
+    """Bytes per second of summing a `gb` GB in-memory buffer (best of `runs`), with numpy."""
+    import numpy as np
+
+    a = np.ones(int(gb * GB) // 8, dtype=np.float64)
+    best = float("inf")
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t0)
+    return a.nbytes / best
+
+
+RUN = r"""
+import json, sys, time, torch
+from ossedge.benchmarks.rss import proc_status
+from ossedge.runtime.executorch import ExecuTorchModel
+root, n_prompt, n_gen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+t0 = time.perf_counter()
+model = ExecuTorchModel(root)
+load_s = time.perf_counter() - t0
+g = torch.Generator().manual_seed(0)
+ids = torch.randint(0, 199998, (1, n_prompt), generator=g)
+cache = model.new_cache()
+t0 = time.perf_counter()
+logits = model(ids, cache=cache)
+prefill_s = time.perf_counter() - t0
+t0 = time.perf_counter()
+for _ in range(n_gen):
+    tok = int(logits.reshape(-1).argmax())
+    logits = model(torch.tensor([[tok]]), cache=cache)
+decode_s = time.perf_counter() - t0
+print(json.dumps({"load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s,
+                  "prompt_tokens": n_prompt, "gen_tokens": n_gen, **proc_status()}))
+"""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", default="out/gpt-oss-20b-synth")
+    p.add_argument("--out", default="out/20b-et")
+    p.add_argument("--recipe", default="mobile")
+    p.add_argument("--prompt", type=int, default=1024)
+    p.add_argument("--gen", type=int, default=64)
+    p.add_argument("--skip-convert", action="store_true", help="Reuse an existing --out")
+    a = p.parse_args()
+
+    ckpt, out = Path(a.ckpt), Path(a.out)
+    if not ckpt.exists():
+        cmd = [sys.executable, "-m", "ossedge", "synth", str(ckpt), "--preset", "20b"]
+        subprocess.run(cmd, check=True)
+    result: dict = {"checkpoint": str(ckpt), "artifact": str(out), "recipe": a.recipe}
+    if not a.skip_convert:
+        cmd = [sys.executable, "-m", "ossedge", "convert", str(ckpt), "--target", "executorch",
+               "-o", str(out), "--recipe", a.recipe, "--verify-tokens", "0", "--force"]
+        wall, peak = _run_measured(cmd)
+        result["convert"] = {"seconds": round(wall, 1), "peak_rss_gb": round(peak / GB, 2)}
+    manifest = json.loads((out / "manifest.json").read_text())
+    result["artifact_bytes"] = {k: v["bytes"] for k, v in manifest["files"].items()}
+    result["convert_stages_s"] = manifest["convert"]["stages_s"]
+    run = subprocess.run(
+        [sys.executable, "-c", RUN, str(out), str(a.prompt), str(a.gen)],
+        capture_output=True, text=True, check=False,
+    )
+    if run.returncode:
+        raise SystemExit(f"the decode run failed:\n{run.stderr[-3000:]}")
+    r = json.loads(run.stdout.strip().splitlines()[-1])
+    per_token = decode_bytes(manifest)
+    bandwidth = read_bandwidth()
+    roofline_s = per_token / bandwidth
+    decode_tok_s = r["gen_tokens"] / r["decode_s"]
+    result.update(
+        load_s=round(r["load_s"], 2),
+        prefill_tok_s=round(r["prompt_tokens"] / r["prefill_s"], 2),
+        decode_tok_s=round(decode_tok_s, 2),
+        peak_rss_gb=round(r["VmHWM"] / GB, 2),
+        rss_anon_gb=round(r["RssAnon"] / GB, 2),
+        rss_file_gb=round(r["RssFile"] / GB, 2),
+        bytes_per_token_gb=round(per_token / GB, 3),
+        read_bandwidth_gb_s=round(bandwidth / GB, 1),
+        roofline_tok_s=round(1 / roofline_s, 2),
+        fraction_of_roofline=round(roofline_s * decode_tok_s, 3),
+        prompt_tokens=r["prompt_tokens"],
+        gen_tokens=r["gen_tokens"],
+    )
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
