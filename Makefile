@@ -45,6 +45,8 @@ demo: install
 	$(BIN)/ossedge convert $(MODEL) --target executorch -o $(DEMO_DIR)/tiny-executorch --max-context 1024 --force
 	$(BIN)/ossedge verify $(DEMO_DIR)/tiny-executorch --reference $(MODEL)
 	$(BIN)/ossedge generate $(DEMO_DIR)/tiny-executorch --prompt "class Stack:" --max-new-tokens 64 --temperature 0
+	$(BIN)/ossedge convert $(MODEL) --target coreml -o $(DEMO_DIR)/tiny-coreml --max-context 1024 --force
+	$(BIN)/ossedge verify $(DEMO_DIR)/tiny-coreml --reference $(MODEL)
 
 # The arm64 (NEON) kernel path is tested under qemu-user: get the cross toolchain where apt can.
 ARM64_PKGS := g++-aarch64-linux-gnu qemu-user

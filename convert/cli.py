@@ -100,13 +100,15 @@ def _tokenizer_dir(ckpt: Path) -> Path:
 
 
 def _load(ckpt: Path, dtype: str, *, verify: bool = False):
-    """(model, tokenizer) of a checkpoint, quantized checkpoint or ExecuTorch artifact."""
+    """(model, tokenizer) of a checkpoint, quantized checkpoint or artifact (ExecuTorch, or Core
+    ML on macOS)."""
     from ossedge.runtime import load_model
-    from ossedge.runtime.executorch import ExecuTorchModel, is_artifact
+    from ossedge.runtime.artifacts import artifact_format, open_artifact
+    from ossedge.runtime.executorch import is_artifact
     from ossedge.runtime.tokenizer import Tokenizer
 
-    if is_artifact(ckpt):
-        return ExecuTorchModel(ckpt, checksums=verify), Tokenizer.from_dir(ckpt)
+    if is_artifact(ckpt) or artifact_format(ckpt):
+        return open_artifact(ckpt, checksums=verify), Tokenizer.from_dir(ckpt)
     tokenizer = Tokenizer.from_dir(_tokenizer_dir(ckpt))
     return load_model(ckpt, dtype=_dtype(dtype), verify=verify), tokenizer
 
@@ -324,12 +326,25 @@ def eval_(model, reference, text, window, max_tokens, dtype, as_json) -> None:
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True)
 @click.option(
-    "--target", type=click.Choice(["executorch"]), default="executorch", show_default=True,
-    help="executorch: model.pte + model.ptd for ExecuTorch (Android, iOS, desktop CPUs).",
+    "--target", type=click.Choice(["executorch", "coreml"]), default="executorch",
+    show_default=True,
+    help="executorch: model.pte + model.ptd for ExecuTorch (Android, iOS, desktop CPUs); "
+    "coreml: .mlpackage functions for Core ML (iPhone, iPad, Mac).",
 )
 @click.option(
     "--recipe", type=click.Choice(list(RECIPES)), default=None,
-    help=f"Quantization recipe [default: {DEFAULT_RECIPE}, or the recipe of a quantized CKPT].",
+    help=f"Quantization recipe [default: {DEFAULT_RECIPE} (coreml ios18: int4), or the recipe of "
+    "a quantized CKPT].",
+)
+@click.option(
+    "--deployment-target", type=click.Choice(["ios26", "ios18"]), default="ios26",
+    show_default=True,
+    help="coreml only: ios26 (iOS/macOS 26) stores MXFP4 experts exactly; ios18 (iOS 18 / "
+    "macOS 15) needs int4 experts.",
+)
+@click.option(
+    "--chunk-mb", type=click.IntRange(min=1), default=1024, show_default=True,
+    help="coreml only: largest .mlpackage, in MB.",
 )
 @click.option(
     "--max-context", type=click.IntRange(min=1), default=None,
@@ -344,21 +359,39 @@ def eval_(model, reference, text, window, max_tokens, dtype, as_json) -> None:
     help="Tokens of the parity check after converting [default: 2 windows + 16]; 0 skips it.",
 )
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def convert(ckpt, out, target, recipe, max_context, max_prefill, verify_tokens, force) -> None:
+def convert(ckpt, out, target, recipe, deployment_target, chunk_mb, max_context, max_prefill,
+            verify_tokens, force) -> None:
     """Convert CKPT into a deployable artifact directory OUT, then verify it against CKPT.
 
     executorch: model.pte (program; forward(tokens[1,T], input_pos[1]) -> logits of the last
     token, KV cache inside) + model.ptd (all weights, memory-mappable) + tokenizer.json +
-    manifest.json. Needs the ossedge kernel library (built by `make install`) to run."""
-    from ossedge.targets.executorch.export import convert as run
+    manifest.json. Needs the ossedge kernel library (built by `make install`) to run.
 
-    m = run(
-        ckpt, out, recipe=recipe, max_context=max_context, max_prefill=max_prefill,
-        force=force, progress=_progress(), verify_tokens=verify_tokens,
-    )
+    coreml: chunk_NN.mlpackage (multifunction: attn_L with KV-cache states, expert_L_E, head) +
+    embedding.safetensors + tokenizer.json + manifest.json (functions, call order). Verified
+    here with ossedge's MIL interpreter; runs with Core ML on Apple devices."""
+    if target == "coreml":
+        from ossedge.targets.coreml.convert import convert as run_coreml
+
+        if max_prefill is not None:
+            raise click.UsageError("--max-prefill applies to --target executorch only")
+        m = run_coreml(
+            ckpt, out, recipe=recipe, deployment_target=deployment_target,
+            max_context=max_context, chunk_mb=chunk_mb, force=force, progress=_progress(),
+            verify_tokens=verify_tokens,
+        )
+        where = f"coreml {m['deployment_target']}, {len(m['packages'])} packages"
+    else:
+        from ossedge.targets.executorch.export import convert as run
+
+        m = run(
+            ckpt, out, recipe=recipe, max_context=max_context, max_prefill=max_prefill,
+            force=force, progress=_progress(), verify_tokens=verify_tokens,
+        )
+        where = "executorch"
     size = sum(f["bytes"] for f in m["files"].values())
     click.echo(
-        f"wrote {out} (executorch, recipe {m['recipe']}, context {m['max_context']}): "
+        f"wrote {out} ({where}, recipe {m['recipe']}, context {m['max_context']}): "
         f"{_gb(size)} in {m['convert']['seconds']:.1f} s"
     )
     v = m.get("verify")
@@ -388,8 +421,8 @@ def verify(artifact, reference, tokens, tolerance, as_json) -> None:
     Decodes the packaged evaluation text teacher-forced through the artifact and compares every
     step's logits with the reference runtime applying the same recipe (must match within the
     tolerance) and with the unquantized reference (KL, top-1 reported)."""
+    from ossedge.runtime.artifacts import verify_artifact
     from ossedge.runtime.errors import ParityError
-    from ossedge.runtime.executorch import verify_artifact
 
     r = verify_artifact(
         artifact, reference, tokens=tokens, tolerance=tolerance, progress=_progress()
@@ -404,8 +437,16 @@ def verify(artifact, reference, tokens, tolerance, as_json) -> None:
                    f"{r['rel_err']:.3e} (tolerance {r['tolerance']:g})  top-1 {r['top1_same']:.2%}")
         what = "unquantized" if r["unquantized_reference"] else "reference"
         click.echo(f"vs {what}  KL mean {r['kl_mean']:.5f}  top-1 {r['top1']:.2%}")
+        s = r.get("structure")
+        if s:
+            click.echo(f"structure  {s['functions']} functions, expert weights exact "
+                       f"{s['expert_weights_exact']}/{s['expert_weights_checked']}, "
+                       f"{s['expert_bits_per_weight'] or 0:.2f} bits/weight"
+                       + "".join(f"\n  problem: {p}" for p in s["problems"]))
         click.echo(f"{'PASSED' if r['passed'] else 'FAILED'}  [{r['seconds']:.1f} s]")
     if not r["passed"]:
+        if r["rel_err"] <= r["tolerance"]:
+            raise ParityError(f"{artifact}: {r['structure']['problems'][0]}")
         raise ParityError(
             f"{artifact}: rel_err {r['rel_err']:.3e} exceeds the tolerance {r['tolerance']:g}"
         )

@@ -27,6 +27,10 @@ class OutputExistsError(OssedgeError):
     """The output path exists and --force was not given."""
 
 
+class ArtifactError(OssedgeError):
+    """An artifact directory (ExecuTorch or Core ML) is incomplete, corrupt or inconsistent."""
+
+
 class ParityError(OssedgeError):
     """An artifact's outputs differ from the reference beyond the named threshold."""
 

@@ -17,11 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ossedge.runtime.errors import KernelError, OssedgeError
-
-
-class ArtifactError(OssedgeError):
-    """An ExecuTorch artifact directory is incomplete, corrupt or inconsistent."""
+from ossedge.runtime.errors import ArtifactError, KernelError, OssedgeError
 
 LIBRARY = "libossedge_kernels.so"
 
@@ -266,86 +262,7 @@ def verify_artifact(
     tolerance: float | None = None,
     progress: bool = False,
 ) -> dict:
-    """Teacher-forced decode of `tokens` tokens of the packaged evaluation text through the
-    artifact (a prefill chunk, then one token per call, past the sliding window and the ring's
-    wrap), compared at every step with the reference runtime applying the same recipe
-    (max_abs_err, rel_err = max over steps of |Δlogits|₂/|logits|₂, top1_same; pass when rel_err ≤
-    tolerance) and with the unquantized reference (kl_mean, top1)."""
-    import time
+    """`ossedge verify` for an ExecuTorch artifact (see `runtime.artifacts.verify_artifact`)."""
+    from ossedge.runtime.artifacts import verify_artifact as verify
 
-    from tqdm import tqdm
-
-    from ossedge.runtime.checkpoint import open_checkpoint
-    from ossedge.runtime.evaluate import default_text, token_metrics
-    from ossedge.runtime.model import build_model
-    from ossedge.runtime.quantized import QuantizedCheckpoint, QuantizedView
-    from ossedge.runtime.tokenizer import Tokenizer
-
-    t0 = time.perf_counter()
-    model = ExecuTorchModel(root, checksums=True)
-    manifest = model.manifest
-    recipe = manifest["recipe"]
-    ckpt = open_checkpoint(reference)
-    tok_art = Tokenizer.from_dir(root)
-    tok_ref = Tokenizer.from_dir(reference)
-    if tok_art.vocab_size != tok_ref.vocab_size or tok_art.encode("def f(x):\n") != tok_ref.encode(
-        "def f(x):\n"
-    ):
-        raise ArtifactError(f"{root} and {reference} use different tokenizers; not comparable")
-    if ckpt.config.to_hf_dict() != manifest["config"]:
-        raise ArtifactError(f"{root} was not converted from a model with {reference}'s config")
-    cfg = ckpt.config
-    n = tokens or min(2 * cfg.sliding_window + 16, model.max_context)
-    if not 2 <= n <= model.max_context:
-        raise ValueError(f"--tokens must be 2..{model.max_context} (the artifact's context)")
-    text, _ = default_text()
-    ids = tok_ref.encode(text)[:n]
-    if len(ids) < n:
-        raise ValueError(f"the evaluation text has only {len(ids)} tokens; use --tokens ≤ that")
-    if isinstance(ckpt, QuantizedCheckpoint):
-        if ckpt.recipe != recipe:
-            raise ArtifactError(
-                f"{reference} is quantized with recipe {ckpt.recipe}, the artifact with {recipe}; "
-                "give the original checkpoint as --reference"
-            )
-        same, plain = build_model(ckpt), None
-    else:
-        same, plain = build_model(QuantizedView(ckpt, recipe)), build_model(ckpt)
-    x = torch.tensor([ids], dtype=torch.long)
-    ref_same = same(x)[0].float()
-    del same
-    ref_plain = plain(x)[0].float() if plain is not None else None
-    del plain
-    prefill = min(model.max_prefill, max(1, n // 4))
-    got = [None] * n
-    cache = model.new_cache()
-    got[prefill - 1] = model(x[:, :prefill], cache=cache)[0, 0]
-    for i in tqdm(range(prefill, n), desc="verify", unit="tok", disable=not progress):
-        got[i] = model(x[:, i : i + 1], cache=cache)[0, 0]
-    steps = list(range(prefill - 1, n))
-    art = torch.stack([got[i] for i in steps])
-    ref = ref_same[steps]
-    diff = art - ref
-    rel = (diff.norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-12)).max().item()
-    quantized_linears = recipe != "native"
-    tol = tolerance if tolerance is not None else (
-        TOLERANCE_QUANTIZED if quantized_linears else TOLERANCE_FLOAT
-    )
-    targets = torch.tensor(ids[prefill:] + [ids[-1]])  # next tokens (last one a dummy)
-    vs = ref_plain[steps] if ref_plain is not None else ref
-    m = token_metrics(art, vs, targets)
-    return {
-        "tokens": n,
-        "prefill_tokens": prefill,
-        "steps_compared": len(steps),
-        "max_abs_err": diff.abs().max().item(),
-        "rel_err": rel,
-        "top1_same": (art.argmax(-1) == ref.argmax(-1)).double().mean().item(),
-        "kl_mean": m["kl"].mean().item(),
-        "top1": m["agree"].mean().item(),
-        "unquantized_reference": ref_plain is not None,
-        "tolerance": tol,
-        "passed": rel <= tol,
-        "recipe": recipe,
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
+    return verify(root, reference, tokens=tokens, tolerance=tolerance, progress=progress)

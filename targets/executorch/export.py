@@ -134,6 +134,8 @@ def export_program(
         ExecutorchBackendConfig(
             passes=[InitializedMutableBufferPass(["k_cache", "v_cache"])],
             external_constants=lambda node: DATA_TAG,
+            # cache writes (index_put on a mutable buffer) in place, not copy-then-write-back
+            run_reinplace_pass=True,
         )
     )
 
@@ -181,22 +183,13 @@ def manifest_json(out: Path, data: dict[str, Any]) -> None:
 
 
 def weight_source(ckpt_path: str | Path, recipe: str | None):
-    """(source with `.config` and `.weight(name)`, recipe name): a quantized checkpoint as it is,
-    or a plain one with the recipe applied in memory weight by weight."""
-    from ossedge.quantize.recipes import DEFAULT_RECIPE
-    from ossedge.runtime.checkpoint import open_checkpoint
-    from ossedge.runtime.quantized import QuantizedCheckpoint, QuantizedView
+    from ossedge.targets.source import SourceError
+    from ossedge.targets.source import weight_source as source
 
-    ckpt = open_checkpoint(ckpt_path)
-    if isinstance(ckpt, QuantizedCheckpoint):
-        if recipe is not None and recipe != ckpt.recipe:
-            raise ExportError(
-                f"{ckpt_path} is already quantized with recipe {ckpt.recipe}; convert the "
-                f"original checkpoint for --recipe {recipe}, or drop --recipe"
-            )
-        return ckpt, ckpt.recipe
-    name = recipe or DEFAULT_RECIPE
-    return QuantizedView(ckpt, name), name
+    try:
+        return source(ckpt_path, recipe)
+    except SourceError as e:
+        raise ExportError(str(e)) from None
 
 
 def convert(

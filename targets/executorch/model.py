@@ -145,13 +145,15 @@ class Attention(nn.Module):
             keys, values = self.k_cache, self.v_cache
             key_pos = torch.arange(self.k_cache.shape[2])
             visible = key_pos[None, :] <= pos[:, None]
-        q = q.view(t, kv, g, d).permute(1, 2, 0, 3)  # [KV, G, T, D]
-        scores = torch.matmul(q, keys[0][:, None].transpose(-1, -2)) / math.sqrt(d)  # [KV,G,T,S]
-        scores = scores.masked_fill(~visible, float("-inf"))
-        sinks = self.sinks.expand(kv, g, t, 1)
-        probs = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)
-        s = scores.shape[-1]
-        out = torch.matmul(probs[..., :s], values[0][:, None])  # [KV, G, T, D]
+        # the G query heads sharing a KV head are rows of one matrix product with that head's
+        # keys: [KV, G·T, D] @ [KV, D, S], no broadcast copy of the cache per query head
+        q = q.view(t, kv, g, d).permute(1, 2, 0, 3).reshape(kv, g * t, d)
+        s = keys.shape[2]
+        scores = torch.bmm(q, keys[0].transpose(1, 2)) / math.sqrt(d)  # [KV, G·T, S]
+        scores = scores.masked_fill(~visible.repeat(g, 1), float("-inf"))  # rows (g, t)
+        sinks = self.sinks.view(kv, g, 1).expand(kv, g, t).reshape(kv, g * t, 1)
+        probs = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :s]
+        out = torch.bmm(probs, values[0]).view(kv, g, t, d)  # [KV, G, T, D]
         out = out.permute(2, 0, 1, 3).reshape(t, kv * g * d)
         return self.o_proj(out)
 

@@ -1,0 +1,145 @@
+"""What every artifact target shares: opening one by its manifest, and `ossedge verify`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ossedge.runtime.errors import ArtifactError
+
+
+def artifact_format(path: str | Path) -> str | None:
+    """"executorch" or "coreml" for an ossedge artifact directory, else None."""
+    p = Path(path) / "manifest.json"
+    if not p.is_file():
+        return None
+    try:
+        fmt = json.loads(p.read_text()).get("format", "")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return {"ossedge-executorch": "executorch", "ossedge-coreml": "coreml"}.get(fmt)
+
+
+def open_artifact(root: str | Path, *, checksums: bool = False, engine: str = "auto"):
+    """The artifact's model (ExecuTorchModel or CoreMLModel; `engine` applies to Core ML)."""
+    kind = artifact_format(root)
+    if kind == "coreml":
+        from ossedge.runtime.coreml import CoreMLModel
+
+        return CoreMLModel(root, engine=engine, checksums=checksums)
+    from ossedge.runtime.executorch import ExecuTorchModel
+
+    return ExecuTorchModel(root, checksums=checksums)
+
+
+def default_tolerance(manifest: dict) -> float:
+    """rel_err allowed against the reference with the same recipe: fp32 float linears are exact to
+    rounding; XNNPACK's int8 activations and Core ML's fp16 compute are not."""
+    from ossedge.runtime.coreml import TOLERANCE_FP16
+    from ossedge.runtime.executorch import TOLERANCE_FLOAT, TOLERANCE_QUANTIZED
+
+    if manifest["format"] == "ossedge-coreml":
+        return TOLERANCE_FP16
+    return TOLERANCE_QUANTIZED if manifest["recipe"] != "native" else TOLERANCE_FLOAT
+
+
+def verify_artifact(
+    root: str | Path,
+    reference: str | Path,
+    *,
+    tokens: int | None = None,
+    tolerance: float | None = None,
+    progress: bool = False,
+) -> dict:
+    """Teacher-forced decode of `tokens` tokens of the packaged evaluation text through the
+    artifact (a prefill chunk, then one token per call, past the sliding window and the ring's
+    wrap), compared at every step with the reference runtime applying the same recipe
+    (max_abs_err, rel_err = max over steps of |Δlogits|₂/|logits|₂, top1_same; pass when rel_err ≤
+    tolerance) and with the unquantized reference (kl_mean, top1)."""
+    import time
+
+    from tqdm import tqdm
+
+    from ossedge.runtime.checkpoint import open_checkpoint
+    from ossedge.runtime.evaluate import default_text, token_metrics
+    from ossedge.runtime.model import build_model
+    from ossedge.runtime.quantized import QuantizedCheckpoint, QuantizedView
+    from ossedge.runtime.tokenizer import Tokenizer
+
+    t0 = time.perf_counter()
+    model = open_artifact(root, checksums=True, engine="interpreter")
+    manifest = model.manifest
+    recipe = manifest["recipe"]
+    ckpt = open_checkpoint(reference)
+    tok_art = Tokenizer.from_dir(root)
+    tok_ref = Tokenizer.from_dir(reference)
+    if tok_art.vocab_size != tok_ref.vocab_size or tok_art.encode("def f(x):\n") != tok_ref.encode(
+        "def f(x):\n"
+    ):
+        raise ArtifactError(f"{root} and {reference} use different tokenizers; not comparable")
+    if ckpt.config.to_hf_dict() != manifest["config"]:
+        raise ArtifactError(f"{root} was not converted from a model with {reference}'s config")
+    cfg = ckpt.config
+    n = tokens or min(2 * cfg.sliding_window + 16, model.max_context)
+    if not 2 <= n <= model.max_context:
+        raise ValueError(f"--tokens must be 2..{model.max_context} (the artifact's context)")
+    text, _ = default_text()
+    ids = tok_ref.encode(text)[:n]
+    if len(ids) < n:
+        raise ValueError(f"the evaluation text has only {len(ids)} tokens; use --tokens ≤ that")
+    if isinstance(ckpt, QuantizedCheckpoint):
+        if ckpt.recipe != recipe:
+            raise ArtifactError(
+                f"{reference} is quantized with recipe {ckpt.recipe}, the artifact with {recipe}; "
+                "give the original checkpoint as --reference"
+            )
+        same_source = ckpt
+        same, plain = build_model(ckpt), None
+    else:
+        same_source = QuantizedView(ckpt, recipe)
+        same, plain = build_model(same_source), build_model(ckpt)
+    x = torch.tensor([ids], dtype=torch.long)
+    ref_same = same(x)[0].float()
+    del same
+    ref_plain = plain(x)[0].float() if plain is not None else None
+    del plain
+    prefill = min(model.max_prefill, max(1, n // 4))
+    got = [None] * n
+    cache = model.new_cache()
+    got[prefill - 1] = model(x[:, :prefill], cache=cache)[0, 0]
+    for i in tqdm(range(prefill, n), desc="verify", unit="tok", disable=not progress):
+        got[i] = model(x[:, i : i + 1], cache=cache)[0, 0]
+    steps = list(range(prefill - 1, n))
+    art = torch.stack([got[i] for i in steps])
+    ref = ref_same[steps]
+    diff = art - ref
+    rel = (diff.norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-12)).max().item()
+    tol = tolerance if tolerance is not None else default_tolerance(manifest)
+    targets = torch.tensor(ids[prefill:] + [ids[-1]])  # next tokens (last one a dummy)
+    vs = ref_plain[steps] if ref_plain is not None else ref
+    m = token_metrics(art, vs, targets)
+    result = {
+        "tokens": n,
+        "prefill_tokens": prefill,
+        "steps_compared": len(steps),
+        "max_abs_err": diff.abs().max().item(),
+        "rel_err": rel,
+        "top1_same": (art.argmax(-1) == ref.argmax(-1)).double().mean().item(),
+        "kl_mean": m["kl"].mean().item(),
+        "top1": m["agree"].mean().item(),
+        "unquantized_reference": ref_plain is not None,
+        "tolerance": tol,
+        "passed": rel <= tol,
+        "recipe": recipe,
+        "target": manifest["format"].removeprefix("ossedge-"),
+    }
+    if manifest["format"] == "ossedge-coreml":
+        from ossedge.runtime.coreml import check_structure
+
+        structure = check_structure(model, same_source)
+        result["structure"] = structure
+        result["passed"] = result["passed"] and structure["ok"]
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return result

@@ -1,0 +1,339 @@
+"""Checkpoint → Core ML artifact: multifunction `.mlpackage` chunks, an embedding file, manifest.
+
+    OUT/
+      manifest.json            files (bytes, sha256), functions (package, inputs, outputs,
+                               states), call order, recipe, deployment target, config, verify
+      tokenizer.json
+      embedding.safetensors    the embedding table per the recipe, read row by row by the host
+      chunk_00.mlpackage …     multifunction packages of at most --chunk-mb each:
+                               attn_{l}, expert_{l}_{e} …, head
+
+Per token the host calls, for each layer l: `attn_{l}` (state: that function's k/v caches), then
+`expert_{l}_{e}` for each of the k experts it returned, adding their outputs times the returned
+weights to h; finally `head`. Functions are converted one chunk at a time, so memory stays
+bounded by a chunk's weights whatever the model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ossedge.quantize.qtensor import QTensor
+from ossedge.runtime.errors import OssedgeError
+
+FORMAT = "ossedge-coreml"
+CONTRACT_VERSION = 1
+MANIFEST, TOKENIZER, EMBEDDING = "manifest.json", "tokenizer.json", "embedding.safetensors"
+TARGETS = ("ios18", "ios26")
+DEFAULT_TARGET = "ios26"
+DEFAULT_RECIPE_FOR = {"ios26": "mobile", "ios18": "int4"}
+DEFAULT_CHUNK_MB = 1024
+DEFAULT_CONTEXT = 4096
+
+
+class CoreMLExportError(OssedgeError):
+    """The checkpoint cannot be converted to Core ML with these settings."""
+
+
+def opset_for(target: str):
+    import coremltools as ct
+
+    return {"ios18": ct.target.iOS18, "ios26": ct.target.iOS26}[target]
+
+
+@dataclass
+class Function:
+    name: str
+    kind: str  # attention | expert | head
+    layer: int | None = None
+    expert: int | None = None
+    bytes: int = 0
+
+
+def _weight_bytes(w: torch.Tensor | QTensor) -> int:
+    """Bytes the weight occupies in the package (fp16 for plain tensors)."""
+    if isinstance(w, QTensor):
+        return w.nbytes
+    return w.numel() * 2
+
+
+def plan_functions(source) -> list[Function]:
+    """Every function of the artifact in call order, with its approximate stored bytes."""
+    cfg = source.config
+    out = []
+    for layer in range(cfg.num_hidden_layers):
+        attn = sum(
+            _weight_bytes(source.weight(f"model.layers.{layer}.self_attn.{p}_proj.weight"))
+            for p in "qkvo"
+        )
+        out.append(Function(f"attn_{layer}", "attention", layer, None, attn))
+        gu = source.weight(f"model.layers.{layer}.mlp.experts.gate_up_proj")
+        dn = source.weight(f"model.layers.{layer}.mlp.experts.down_proj")
+        per_expert = (_weight_bytes(gu) + _weight_bytes(dn)) // cfg.num_local_experts
+        for e in range(cfg.num_local_experts):
+            out.append(Function(f"expert_{layer}_{e}", "expert", layer, e, per_expert))
+    out.append(Function("head", "head", None, None, _weight_bytes(source.weight("lm_head.weight"))))
+    return out
+
+
+def chunk_functions(functions: list[Function], limit: int) -> list[list[Function]]:
+    """Consecutive functions grouped into chunks of at most `limit` bytes (a larger function gets
+    a chunk of its own)."""
+    chunks: list[list[Function]] = [[]]
+    size = 0
+    for f in functions:
+        if chunks[-1] and size + f.bytes > limit:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(f)
+        size += f.bytes
+    return chunks
+
+
+def _attention_weights(source, layer: int) -> dict[str, Any]:
+    p = f"model.layers.{layer}."
+    names = {
+        "attn_norm": "input_layernorm.weight",
+        "mlp_norm": "post_attention_layernorm.weight",
+        "sinks": "self_attn.sinks",
+        "router_w": "mlp.router.weight",
+        "router_b": "mlp.router.bias",
+        **{f"{x}_w": f"self_attn.{x}_proj.weight" for x in "qkvo"},
+        **{f"{x}_b": f"self_attn.{x}_proj.bias" for x in "qkvo"},
+    }
+    out = {k: source.weight(p + v) for k, v in names.items()}
+    for k in ("router_w", "router_b", "attn_norm", "mlp_norm", "sinks"):
+        if isinstance(out[k], QTensor):
+            out[k] = out[k].dequantize(torch.float32)
+    return out
+
+
+def build_function(source, f: Function, context: int, opset, cache: dict) -> Callable:
+    from ossedge.targets.coreml import mil
+
+    cfg = source.config
+    if f.kind == "attention":
+        return mil.attention_function(cfg, f.layer, _attention_weights(source, f.layer), context,
+                                      opset)
+    if f.kind == "expert":
+        key = f.layer
+        if cache.get("layer") != key:  # the layer's stacked expert tensors, read once
+            p = f"model.layers.{f.layer}.mlp.experts."
+            cache.clear()
+            cache["layer"] = key
+            cache["w"] = [source.weight(p + n) for n in
+                          ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")]
+        gu, gub, dn, dnb = cache["w"]
+        e = f.expert
+        return mil.expert_function(cfg, gu[e], gub[e], dn[e], dnb[e], opset)
+    norm = source.weight("model.norm.weight")
+    return mil.head_function(cfg, norm, source.weight("lm_head.weight"), opset)
+
+
+def write_package(functions: list, path: Path, opset) -> None:
+    """Convert MIL functions [(name, fn)] into one multifunction .mlpackage at `path`."""
+    from unittest import mock
+
+    import coremltools as ct
+    from coremltools.converters.mil.mil import Program
+    from coremltools.converters.mil.mil.passes import pass_pipeline
+
+    prog = Program()
+    for name, fn in functions:
+        prog.add_function(name, fn)
+    prog.default_function_name = functions[0][0]
+    prog.export_as_multifunction = True
+    # coremltools draws a progress bar per pass pipeline; ours is per function
+    with mock.patch.object(pass_pipeline, "tqdm", lambda it, **_: it):
+        model = ct.convert(
+            prog,
+            convert_to="mlprogram",
+            minimum_deployment_target=opset,
+            pass_pipeline=ct.PassPipeline.EMPTY,
+            skip_model_load=True,
+        )
+    model.save(str(path))
+
+
+def write_embedding(source, path: Path) -> dict[str, Any]:
+    """The embedding table as safetensors, in its recipe format (parts of a QTensor, or fp16)."""
+    from safetensors.torch import save_file
+
+    w = source.weight("model.embed_tokens.weight")
+    if isinstance(w, QTensor):
+        tensors = {f"embedding.{p}": t.contiguous() for p, t in w.parts.items()}
+        fmt = w.fmt
+    else:
+        tensors = {"embedding": w.to(torch.float16).contiguous()}
+        fmt = "fp16"
+    save_file(tensors, str(path))
+    return {"file": path.name, "format": fmt, "shape": list(w.shape)}
+
+
+def check_expert_scales(source) -> int:
+    """Blocks of MXFP4 experts whose values fp16 cannot hold exactly (0 for gpt-oss)."""
+    from ossedge.targets.coreml.mil import EXACT_FP16_SCALES
+
+    cfg = source.config
+    lo, hi = EXACT_FP16_SCALES
+    bad = 0
+    for layer in range(cfg.num_hidden_layers):
+        for n in ("gate_up_proj", "down_proj"):
+            w = source.weight(f"model.layers.{layer}.mlp.experts.{n}")
+            if isinstance(w, QTensor) and w.fmt == "mxfp4":
+                s = w.parts["scales"]
+                bad += int(((s < lo) | (s > hi)).sum())
+    return bad
+
+
+def package_files(root: Path) -> Iterator[Path]:
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            yield p
+
+
+def convert(
+    ckpt_path: str | Path,
+    out: str | Path,
+    *,
+    recipe: str | None = None,
+    deployment_target: str = DEFAULT_TARGET,
+    max_context: int | None = None,
+    chunk_mb: int = DEFAULT_CHUNK_MB,
+    force: bool = False,
+    progress: bool = False,
+    verify_tokens: int | None = None,
+) -> dict[str, Any]:
+    """Convert a checkpoint into a Core ML artifact directory `out` (atomically); verify it with
+    the MIL interpreter unless `verify_tokens` is 0. Returns the manifest."""
+    from tqdm import tqdm
+
+    from ossedge import __version__
+    from ossedge.runtime.atomic import atomic_dir, check_output
+    from ossedge.runtime.quantized import sha256_file
+    from ossedge.runtime.mil import MilPackage, quiet_coremltools
+    from ossedge.runtime.tokenizer import Tokenizer
+    from ossedge.targets.source import SourceError, weight_source
+
+    quiet_coremltools()
+    out = Path(out)
+    check_output(out, force=force)
+    if deployment_target not in TARGETS:
+        raise CoreMLExportError(
+            f"unknown deployment target {deployment_target!r}; choose one of {list(TARGETS)}"
+        )
+    t0 = time.perf_counter()
+    try:
+        source, recipe_name = weight_source(
+            ckpt_path, recipe, default=DEFAULT_RECIPE_FOR[deployment_target]
+        )
+    except SourceError as e:
+        raise CoreMLExportError(str(e)) from None
+    cfg = source.config
+    expert_fmt = source.weight("model.layers.0.mlp.experts.down_proj")
+    expert_fmt = expert_fmt.fmt if isinstance(expert_fmt, QTensor) else "fp16"
+    if deployment_target == "ios18" and expert_fmt == "mxfp4":
+        raise CoreMLExportError(
+            f"recipe {recipe_name} keeps MXFP4 experts, which Core ML stores compactly only for "
+            "iOS26/macOS26; use --deployment-target ios26, or --recipe int4 for ios18"
+        )
+    max_context = max_context or min(DEFAULT_CONTEXT, cfg.max_position_embeddings)
+    if not cfg.sliding_window <= max_context <= cfg.max_position_embeddings:
+        raise CoreMLExportError(
+            f"--max-context must be {cfg.sliding_window}..{cfg.max_position_embeddings} for "
+            f"this model, got {max_context}"
+        )
+    if chunk_mb < 1:
+        raise CoreMLExportError(f"--chunk-mb must be at least 1, got {chunk_mb}")
+    tokenizer = Tokenizer.from_dir(Path(ckpt_path))
+    inexact = check_expert_scales(source)
+    opset = opset_for(deployment_target)
+    functions = plan_functions(source)
+    chunks = chunk_functions(functions, chunk_mb << 20)
+    timings: dict[str, float] = {}
+    described: dict[str, Any] = {}
+    packages: dict[str, Any] = {}
+    with atomic_dir(out, force=force) as tmp:
+        t = time.perf_counter()
+        bar = tqdm(total=len(functions), desc="convert", unit="fn", disable=not progress)
+        cache: dict = {}
+        for i, chunk in enumerate(chunks):
+            name = f"chunk_{i:02d}.mlpackage"
+            built = []
+            for f in chunk:
+                fn = build_function(source, f, max_context, opset, cache)
+                built.append((f.name, fn))
+                bar.update(1)
+            bar.set_postfix_str(f"writing {name}")
+            write_package(built, tmp / name, opset)
+            del built
+            written = MilPackage(tmp / name)
+            for f in chunk:
+                described[f.name] = {
+                    "package": name, "kind": f.kind, "layer": f.layer, "expert": f.expert,
+                    **written.signature(f.name),
+                }
+            packages[name] = {
+                "functions": [f.name for f in chunk],
+                "bytes": sum(p.stat().st_size for p in package_files(tmp / name)),
+            }
+        bar.close()
+        timings["packages"] = round(time.perf_counter() - t, 2)
+        t = time.perf_counter()
+        embedding = write_embedding(source, tmp / EMBEDDING)
+        shutil.copyfile(Path(tokenizer.source), tmp / TOKENIZER)
+        timings["embedding"] = round(time.perf_counter() - t, 2)
+        files = {
+            str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in package_files(tmp)
+        }
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "contract_version": CONTRACT_VERSION,
+            "ossedge_version": __version__,
+            "deployment_target": deployment_target,
+            "recipe": recipe_name,
+            "experts": {"format": expert_fmt, "fp16_inexact_blocks": inexact},
+            "max_context": max_context,
+            "config": cfg.to_hf_dict(),
+            "source": str(Path(ckpt_path).resolve()),
+            "embedding": embedding,
+            "packages": packages,
+            "functions": described,
+            "call_order": [
+                "per token: x = embedding row (fp32) of the token; for l in layers: "
+                "h, m, ids, w = attn_{l}(x, pos) [state: its k_cache, v_cache]; "
+                "x = h + sum_j w[j] * expert_{l}_{ids[j]}(m); then logits = head(x)",
+            ],
+            "predictions_per_token": cfg.num_hidden_layers * (1 + cfg.num_experts_per_tok) + 1,
+            "files": files,
+            "total_bytes": sum(v["bytes"] for v in files.values()),
+        }
+        timings["total"] = round(time.perf_counter() - t0, 2)
+        manifest["convert"] = {"seconds": timings["total"], "stages_s": timings}
+        write_manifest(tmp, manifest)
+        if verify_tokens != 0:
+            from ossedge.runtime.artifacts import verify_artifact
+            from ossedge.runtime.errors import ParityError
+
+            result = verify_artifact(tmp, ckpt_path, tokens=verify_tokens, progress=progress)
+            manifest["verify"] = result
+            write_manifest(tmp, manifest)
+            if not result["passed"]:
+                raise ParityError(
+                    f"the converted artifact does not match the reference: rel_err "
+                    f"{result['rel_err']:.4g} > tolerance {result['tolerance']}; nothing written"
+                )
+    return manifest
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
