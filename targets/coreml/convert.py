@@ -279,6 +279,7 @@ def convert(
             for f in chunk:
                 described[f.name] = {
                     "package": name, "kind": f.kind, "layer": f.layer, "expert": f.expert,
+                    "weight_bytes": f.bytes,
                     **written.signature(f.name),
                 }
             packages[name] = {
