@@ -59,10 +59,13 @@ class Function:
 
 
 def _weight_bytes(w: torch.Tensor | QTensor) -> int:
-    """Bytes the weight occupies in the package (fp16 for plain tensors)."""
-    if isinstance(w, QTensor):
-        return w.nbytes
-    return w.numel() * 2
+    """Bytes the weight occupies in a package: codes as stored, scales as fp16 (MXFP4's one-byte
+    exponents become fp16 powers of two), plain tensors as fp16."""
+    if not isinstance(w, QTensor):
+        return w.numel() * 2
+    codes = w.parts["blocks"] if w.fmt == "mxfp4" else w.parts["q"]
+    scales = w.parts["scales"] if w.fmt == "mxfp4" else w.parts["scale"]
+    return codes.numel() * codes.element_size() + scales.numel() * 2
 
 
 def plan_functions(source) -> list[Function]:

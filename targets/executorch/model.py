@@ -4,8 +4,8 @@
 to `max_prefill`. Caches are mutable buffers, zero-initialised (the export marks them so the
 program starts from zeros, not from whatever the memory arena held):
 
-  full-attention layers   k/v [1, KV, C, D], position p in slot p (C = max_context)
-  sliding-window layers   k/v [1, KV, W, D], a ring: position p in slot p % W (W = sliding_window)
+  full-attention layers   k/v [KV, C, D], position p in slot p (C = max_context)
+  sliding-window layers   k/v [KV, W, D], a ring: position p in slot p % W (W = sliding_window)
 
 A sliding layer attends over the ring as it was before this call plus the new keys, then the new
 keys overwrite their slots — so prefill chunks are limited to W tokens (`max_prefill` ≤ W), which
@@ -114,46 +114,36 @@ class Attention(nn.Module):
         self.o_proj = make_linear(t["o_w"], t["o_b"])
         self.register_buffer("sinks", t["sinks"].float().view(self.kv, self.g, 1, 1))
         slots = self.window if self.sliding else max_context
-        self.register_buffer("k_cache", torch.zeros(1, self.kv, slots, self.d))
-        self.register_buffer("v_cache", torch.zeros(1, self.kv, slots, self.d))
+        self.register_buffer("k_cache", torch.zeros(self.kv, slots, self.d))
+        self.register_buffer("v_cache", torch.zeros(self.kv, slots, self.d))
 
-    def forward(
-        self, x: torch.Tensor, start: torch.Tensor, pos: torch.Tensor, cos, sin
-    ) -> torch.Tensor:
-        t = x.shape[0]  # x [T, H]
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cos, sin, mask) -> torch.Tensor:
+        """x [T, H] at positions `pos`; `mask` [G·T, S (+ T for sliding layers)] is additive
+        (0 or -inf), computed once per call for all layers of this kind."""
+        t = x.shape[0]
         kv, g, d = self.kv, self.g, self.d
         q = _rope(self.q_proj(x).view(t, kv * g, d), cos, sin)
-        k = _rope(self.k_proj(x).view(t, kv, d), cos, sin).transpose(0, 1)[None]  # [1,KV,T,D]
-        v = self.v_proj(x).view(t, kv, d).transpose(0, 1)[None]
+        k = _rope(self.k_proj(x).view(t, kv, d), cos, sin).transpose(0, 1)  # [KV, T, D]
+        v = self.v_proj(x).view(t, kv, d).transpose(0, 1)
         if self.sliding:
-            w = self.window
-            slot = torch.arange(w)
-            # the position each slot holds before this call: the latest p < start with p ≡ slot
-            # (mod w); operands kept non-negative, where remainder and fmod kernels agree
-            ring_pos = start - 1 - torch.remainder(start + w - 1 - slot, w)
-            keys = torch.cat([self.k_cache, k], dim=2)
-            values = torch.cat([self.v_cache, v], dim=2)
-            key_pos = torch.cat([ring_pos, pos])
-            visible = (key_pos[None, :] >= 0) & (key_pos[None, :] <= pos[:, None])
-            visible = visible & (pos[:, None] - key_pos[None, :] < w)
-            slots = torch.remainder(pos, w)
-            self.k_cache.index_copy_(2, slots, k)
-            self.v_cache.index_copy_(2, slots, v)
+            # the ring as it was before this call, then the new keys; then they take their slots
+            keys = torch.cat([self.k_cache, k], dim=1)
+            values = torch.cat([self.v_cache, v], dim=1)
+            slots = torch.remainder(pos, self.window)
+            self.k_cache.index_copy_(1, slots, k)
+            self.v_cache.index_copy_(1, slots, v)
         else:
-            self.k_cache.index_copy_(2, pos, k)
-            self.v_cache.index_copy_(2, pos, v)
+            self.k_cache.index_copy_(1, pos, k)
+            self.v_cache.index_copy_(1, pos, v)
             keys, values = self.k_cache, self.v_cache
-            key_pos = torch.arange(self.k_cache.shape[2])
-            visible = key_pos[None, :] <= pos[:, None]
         # the G query heads sharing a KV head are rows of one matrix product with that head's
         # keys: [KV, G·T, D] @ [KV, D, S], no broadcast copy of the cache per query head
-        q = q.view(t, kv, g, d).permute(1, 2, 0, 3).reshape(kv, g * t, d)
-        s = keys.shape[2]
-        scores = torch.bmm(q, keys[0].transpose(1, 2)) / math.sqrt(d)  # [KV, G·T, S]
-        scores = scores.masked_fill(~visible.repeat(g, 1), float("-inf"))  # rows (g, t)
+        q = q.view(t, kv, g, d).permute(1, 2, 0, 3).reshape(kv, g * t, d) * (1 / math.sqrt(d))
+        s = keys.shape[1]
+        scores = torch.bmm(q, keys.transpose(1, 2)) + mask  # [KV, G·T, S], rows (g, t)
         sinks = self.sinks.view(kv, g, 1).expand(kv, g, t).reshape(kv, g * t, 1)
         probs = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :s]
-        out = torch.bmm(probs, values[0]).view(kv, g, t, d)  # [KV, G, T, D]
+        out = torch.bmm(probs, values).view(kv, g, t, d)  # [KV, G, T, D]
         out = out.permute(2, 0, 1, 3).reshape(t, kv * g * d)
         return self.o_proj(out)
 
@@ -212,8 +202,9 @@ class Block(nn.Module):
         self.register_buffer("attn_norm", norms[0].float())
         self.register_buffer("mlp_norm", norms[1].float())
 
-    def forward(self, x, start, pos, cos, sin) -> torch.Tensor:
-        x = x + self.attn(_rms(x, self.attn_norm, self.eps), start, pos, cos, sin)
+    def forward(self, x, pos, cos, sin, masks) -> torch.Tensor:
+        mask = masks[1] if self.attn.sliding else masks[0]
+        x = x + self.attn(_rms(x, self.attn_norm, self.eps), pos, cos, sin, mask)
         return x + self.mlp(_rms(x, self.mlp_norm, self.eps))
 
 
@@ -303,10 +294,30 @@ class ExportableGptOss(nn.Module):
         pos = start + torch.arange(t)
         cos, sin = self.rope_cos.index_select(0, pos), self.rope_sin.index_select(0, pos)
         x = self.embed(tokens[0])
+        masks = self.masks(start, pos)
         for block in self.blocks:
-            x = block(x, start, pos, cos, sin)
+            x = block(x, pos, cos, sin, masks)
         x = _rms(x[-1:], self.norm, self.config.rms_norm_eps)
         return self.lm_head(x)  # [1, V]
+
+    def masks(self, start: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Additive masks [G·T, S] (rows ordered (head in group, token)) for full layers (S = C
+        slots, slot p holds position p) and sliding layers (S = W ring slots as they were
+        before this call, then the T new keys)."""
+        cfg = self.config
+        g = cfg.num_attention_heads // cfg.num_key_value_heads
+        w = cfg.sliding_window
+        key_pos = torch.arange(self.max_context)
+        full = key_pos[None, :] <= pos[:, None]
+        slot = torch.arange(w)
+        # the position each slot holds before this call: the latest p < start with p ≡ slot
+        # (mod w); operands kept non-negative, where remainder and fmod kernels agree
+        ring_pos = torch.cat([start - 1 - torch.remainder(start + w - 1 - slot, w), pos])
+        sliding = (ring_pos[None, :] >= 0) & (ring_pos[None, :] <= pos[:, None])
+        sliding = sliding & (pos[:, None] - ring_pos[None, :] < w)
+        zero, never = torch.tensor(0.0), torch.tensor(float("-inf"))
+        return (torch.where(full, zero, never).repeat(g, 1),
+                torch.where(sliding, zero, never).repeat(g, 1))
 
     def reset(self) -> None:
         """Empty the KV caches (eager use)."""
