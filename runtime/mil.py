@@ -24,7 +24,11 @@ from ossedge.runtime.errors import OssedgeError
 BLOB_SENTINEL = 0xDEADBEEF
 MODEL_FILE = Path("Data/com.apple.CoreML/model.mlmodel")
 WEIGHTS_DIR = Path("Data/com.apple.CoreML/weights")
-DECODED_CACHE_BYTES = 1 << 30
+DECODED_CACHE_BYTES = 512 << 20  # decoded constexpr weights kept, over all packages
+
+# (package, function, output) → decoded weight, least recently used first
+_DECODED: OrderedDict[tuple[str, str, str], np.ndarray] = OrderedDict()
+_DECODED_BYTES = [0]
 
 
 class MilError(OssedgeError):
@@ -150,8 +154,6 @@ class MilPackage:
                 "outputs": list(block.outputs),
             }
         self._blobs: dict[str, np.memmap] = {}
-        self._decoded: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
-        self._decoded_bytes = 0
 
     # -- values ---------------------------------------------------------------------------------
 
@@ -285,17 +287,17 @@ class MilPackage:
     def decoded(self, function: str, op, env: dict) -> np.ndarray:
         """The value of a constexpr op (decoded weights; `env` holds earlier constexpr results
         it may read), cached within a byte budget."""
-        key = (function, op.outputs[0].name)
-        if key in self._decoded:
-            self._decoded.move_to_end(key)
-            return self._decoded[key]
+        key = (str(self.path), function, op.outputs[0].name)
+        if key in _DECODED:
+            _DECODED.move_to_end(key)
+            return _DECODED[key]
         args = self._args(op, env)
         value = _CONSTEXPR[op.type](**args).astype(_Type(op.outputs[0].type).np)
-        self._decoded[key] = value
-        self._decoded_bytes += value.nbytes
-        while self._decoded_bytes > DECODED_CACHE_BYTES and len(self._decoded) > 1:
-            _, old = self._decoded.popitem(last=False)
-            self._decoded_bytes -= old.nbytes
+        _DECODED[key] = value
+        _DECODED_BYTES[0] += value.nbytes
+        while _DECODED_BYTES[0] > DECODED_CACHE_BYTES and len(_DECODED) > 1:
+            _, old = _DECODED.popitem(last=False)
+            _DECODED_BYTES[0] -= old.nbytes
         return value
 
     def _execute(self, function: str, op, env: dict, states: dict) -> None:
