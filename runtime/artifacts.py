@@ -34,6 +34,38 @@ def open_artifact(root: str | Path, *, checksums: bool = False, engine: str = "a
     return ExecuTorchModel(root, checksums=checksums)
 
 
+def check_call(input_ids: torch.Tensor, cache, kind: str) -> int:
+    """Validate an artifact model's call: ids [1, T] that fit the cache's context. Returns T."""
+    from ossedge.runtime.errors import OssedgeError
+
+    if cache is None:
+        raise ValueError(f"{kind} artifact needs cache=model.new_cache()")
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids must be [1, T], got shape {tuple(input_ids.shape)}")
+    t = input_ids.shape[1]
+    if cache.position + t > cache.limit:
+        raise OssedgeError(
+            f"context full: {cache.position} + {t} tokens exceed the artifact's context of "
+            f"{cache.limit}; convert with a larger --max-context or shorten the prompt"
+        )
+    return t
+
+
+def verify_into_manifest(root: Path, ckpt_path, manifest: dict, write, *, tokens, progress):
+    """Run `verify_artifact` on a freshly converted artifact, record the result in its manifest
+    (`write(root, manifest)`), and raise ParityError when it failed (so nothing is kept)."""
+    from ossedge.runtime.errors import ParityError
+
+    result = verify_artifact(root, ckpt_path, tokens=tokens, progress=progress)
+    manifest["verify"] = result
+    write(root, manifest)
+    if not result["passed"]:
+        why = (f"rel_err {result['rel_err']:.4g} > tolerance {result['tolerance']}"
+               if result["rel_err"] > result["tolerance"] else result["structure"]["problems"][0])
+        raise ParityError(f"the converted artifact does not match the reference: {why}; "
+                          "nothing written")
+
+
 def default_tolerance(manifest: dict) -> float:
     """rel_err allowed against the reference with the same recipe: fp32 float linears are exact to
     rounding; XNNPACK's int8 activations and Core ML's fp16 compute are not."""

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ossedge.runtime.errors import ArtifactError, OssedgeError
+from ossedge.runtime.errors import ArtifactError
 
 FORMAT = "ossedge-coreml"
 SUPPORTED_CONTRACT = 1
@@ -201,16 +201,9 @@ class CoreMLModel:
     def __call__(
         self, input_ids: torch.Tensor, *, cache: CoreMLCache | None = None, last_only: bool = True
     ) -> torch.Tensor:
-        if cache is None:
-            raise ValueError("a Core ML artifact needs cache=model.new_cache()")
-        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-            raise ValueError(f"input_ids must be [1, T], got shape {tuple(input_ids.shape)}")
-        t = input_ids.shape[1]
-        if cache.position + t > cache.limit:
-            raise OssedgeError(
-                f"context full: {cache.position} + {t} tokens exceed the artifact's context of "
-                f"{cache.limit}; convert with a larger --max-context or shorten the prompt"
-            )
+        from ossedge.runtime.artifacts import check_call
+
+        check_call(input_ids, cache, "a Core ML")
         for tok in input_ids[0].tolist():
             logits = self.step(int(tok), cache)
         return torch.from_numpy(logits)[None, None]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ossedge.runtime.errors import ArtifactError, KernelError, OssedgeError
+from ossedge.runtime.errors import ArtifactError, KernelError
 
 LIBRARY = "libossedge_kernels.so"
 
@@ -237,32 +237,11 @@ class ExecuTorchModel:
     def __call__(
         self, input_ids: torch.Tensor, *, cache: _Cursor | None = None, last_only: bool = True
     ) -> torch.Tensor:
-        if cache is None:
-            raise ValueError("an ExecuTorch artifact needs cache=model.new_cache()")
-        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-            raise ValueError(f"input_ids must be [1, T], got shape {tuple(input_ids.shape)}")
-        t = input_ids.shape[1]
-        if cache.position + t > cache.limit:
-            raise OssedgeError(
-                f"context full: {cache.position} + {t} tokens exceed the artifact's context of "
-                f"{cache.limit}; convert with a larger --max-context or shorten the prompt"
-            )
+        from ossedge.runtime.artifacts import check_call
+
+        t = check_call(input_ids, cache, "an ExecuTorch")
         ids = input_ids.to(torch.long)
         for a in range(0, t, self.max_prefill):
             logits = self.forward_chunk(ids[:, a : a + self.max_prefill], cache.position)
             cache.position += min(self.max_prefill, t - a)
         return logits[None, None]
-
-
-def verify_artifact(
-    root: str | Path,
-    reference: str | Path,
-    *,
-    tokens: int | None = None,
-    tolerance: float | None = None,
-    progress: bool = False,
-) -> dict:
-    """`ossedge verify` for an ExecuTorch artifact (see `runtime.artifacts.verify_artifact`)."""
-    from ossedge.runtime.artifacts import verify_artifact as verify
-
-    return verify(root, reference, tokens=tokens, tolerance=tolerance, progress=progress)

@@ -14,12 +14,12 @@ import torch
 from clitools import assert_one_line_error, run
 
 from ossedge.assets import default_model_dir
+from ossedge.runtime.artifacts import verify_artifact
 from ossedge.runtime.checkpoint import open_checkpoint
 from ossedge.runtime.executorch import (
     TOLERANCE_QUANTIZED,
     ArtifactError,
     ExecuTorchModel,
-    verify_artifact,
 )
 from ossedge.runtime.model import build_model
 from ossedge.runtime.quantized import QuantizedView

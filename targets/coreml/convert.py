@@ -325,17 +325,10 @@ def convert(
         manifest["convert"] = {"seconds": timings["total"], "stages_s": timings}
         write_manifest(tmp, manifest)
         if verify_tokens != 0:
-            from ossedge.runtime.artifacts import verify_artifact
-            from ossedge.runtime.errors import ParityError
+            from ossedge.runtime.artifacts import verify_into_manifest
 
-            result = verify_artifact(tmp, ckpt_path, tokens=verify_tokens, progress=progress)
-            manifest["verify"] = result
-            write_manifest(tmp, manifest)
-            if not result["passed"]:
-                raise ParityError(
-                    f"the converted artifact does not match the reference: rel_err "
-                    f"{result['rel_err']:.4g} > tolerance {result['tolerance']}; nothing written"
-                )
+            verify_into_manifest(tmp, ckpt_path, manifest, write_manifest, tokens=verify_tokens,
+                                 progress=progress)
     return manifest
 
 

@@ -281,18 +281,10 @@ def convert(
         }
         manifest_json(tmp, manifest)
         if verify_tokens != 0:
-            from ossedge.runtime.executorch import verify_artifact
+            from ossedge.runtime.artifacts import verify_into_manifest
 
-            result = verify_artifact(tmp, ckpt_path, tokens=verify_tokens, progress=progress)
-            manifest["verify"] = result
-            manifest_json(tmp, manifest)
-            if not result["passed"]:
-                from ossedge.runtime.errors import ParityError
-
-                raise ParityError(
-                    f"the converted artifact does not match the reference: rel_err "
-                    f"{result['rel_err']:.4g} > tolerance {result['tolerance']}; nothing written"
-                )
+            verify_into_manifest(tmp, ckpt_path, manifest, manifest_json, tokens=verify_tokens,
+                                 progress=progress)
     return manifest
 
 
