@@ -337,10 +337,9 @@ def eval_(model, reference, text, window, max_tokens, dtype, as_json) -> None:
     "a quantized CKPT].",
 )
 @click.option(
-    "--deployment-target", type=click.Choice(["ios26", "ios18"]), default="ios26",
-    show_default=True,
+    "--deployment-target", type=click.Choice(["ios26", "ios18"]), default=None,
     help="coreml only: ios26 (iOS/macOS 26) stores MXFP4 experts exactly; ios18 (iOS 18 / "
-    "macOS 15) needs int4 experts.",
+    "macOS 15) needs int4 experts [default: ios26, or the --device's].",
 )
 @click.option(
     "--chunk-mb", type=click.IntRange(min=1), default=1024, show_default=True,
@@ -358,9 +357,15 @@ def eval_(model, reference, text, window, max_tokens, dtype, as_json) -> None:
     "--verify-tokens", type=click.IntRange(min=0), default=None,
     help="Tokens of the parity check after converting [default: 2 windows + 16]; 0 skips it.",
 )
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option(
+    "--device", "device_name", default=None,
+    help="Size the artifact for a device profile (see `ossedge plan`): pick the recipe and "
+    "context that fit it, refuse (exit 4) what cannot fit.",
+)
+@click.option("--force", is_flag=True,
+              help="Replace OUT if it exists; with --device, build even what does not fit.")
 def convert(ckpt, out, target, recipe, deployment_target, chunk_mb, max_context, max_prefill,
-            verify_tokens, force) -> None:
+            verify_tokens, device_name, force) -> None:
     """Convert CKPT into a deployable artifact directory OUT, then verify it against CKPT.
 
     executorch: model.pte (program; forward(tokens[1,T], input_pos[1]) -> logits of the last
@@ -370,7 +375,13 @@ def convert(ckpt, out, target, recipe, deployment_target, chunk_mb, max_context,
     coreml: chunk_NN.mlpackage (multifunction: attn_L with KV-cache states, expert_L_E, head) +
     embedding.safetensors + tokenizer.json + manifest.json (functions, call order). Verified
     here with ossedge's MIL interpreter; runs with Core ML on Apple devices."""
+    option = None
+    if device_name is not None:
+        option = _device_choice(ckpt, device_name, target, recipe, max_context, max_prefill, force)
+        recipe, max_context = option.recipe, option.footprint.context
+        deployment_target = deployment_target or option.deployment_target
     if target == "coreml":
+        deployment_target = deployment_target or "ios26"
         from ossedge.targets.coreml.convert import convert as run_coreml
 
         if max_prefill is not None:
@@ -389,6 +400,8 @@ def convert(ckpt, out, target, recipe, deployment_target, chunk_mb, max_context,
             force=force, progress=_progress(), verify_tokens=verify_tokens,
         )
         where = "executorch"
+    if option is not None:
+        _record_plan(out, m, option, device_name)
     size = sum(f["bytes"] for f in m["files"].values())
     click.echo(
         f"wrote {out} ({where}, recipe {m['recipe']}, context {m['max_context']}): "
@@ -403,11 +416,45 @@ def convert(ckpt, out, target, recipe, deployment_target, chunk_mb, max_context,
         )
 
 
+def _device_choice(ckpt, device_name, target, recipe, max_context, max_prefill, force):
+    """The plan's choice of recipe and context for `convert --device` (BudgetError: exit 4)."""
+    from ossedge.runtime.checkpoint import detect_layout
+    from ossedge.targets.devices import get_device
+    from ossedge.targets.plan import choose, model_config
+
+    device = get_device(device_name)
+    cfg, _ = model_config(ckpt)
+    root, layout = detect_layout(ckpt)
+    if layout == "quantized" and recipe is None:
+        from ossedge.runtime.quantized import read_manifest
+
+        recipe = read_manifest(root)["recipe"]["name"]
+    o = choose(device, cfg, target, recipe=recipe, context=max_context, max_prefill=max_prefill,
+               force=force)
+    f = o.footprint
+    how = {"resident": "fits in RAM", "streaming": "fits with experts paged from flash",
+           "no": "does NOT fit (--force)"}[o.fits]
+    click.echo(f"{device.name}: {target} recipe {o.recipe}, context {f.context}: {how} "
+               f"({f.resident / 1e9:.2f} GB, {f.anon / 1e9:.2f} GB heap; app budget "
+               f"{device.app_budget_gb} GB)", err=True)
+    return o
+
+
+def _record_plan(out: Path, manifest: dict, option, device_name: str) -> None:
+    """Add the device plan to the artifact's manifest (written atomically)."""
+    import os
+
+    manifest["device_plan"] = {"device": device_name, **option.to_dict()}
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, out / "manifest.json")
+
+
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option(
-    "--reference", type=click.Path(path_type=Path), required=True,
-    help="The checkpoint ARTIFACT was converted from.",
+    "--reference", type=click.Path(path_type=Path), default=None,
+    help="The checkpoint ARTIFACT was converted from (not needed for a bundle).",
 )
 @click.option(
     "--tokens", type=click.IntRange(min=2), default=None,
@@ -420,9 +467,26 @@ def verify(artifact, reference, tokens, tolerance, as_json) -> None:
 
     Decodes the packaged evaluation text teacher-forced through the artifact and compares every
     step's logits with the reference runtime applying the same recipe (must match within the
-    tolerance) and with the unquantized reference (KL, top-1 reported)."""
+    tolerance) and with the unquantized reference (KL, top-1 reported).
+
+    For a bundle (`ossedge bundle`): checks its contract version and every file's size and
+    sha256; exit 1 naming the first file that is missing, truncated or altered."""
     from ossedge.runtime.artifacts import verify_artifact
     from ossedge.runtime.errors import ParityError
+    from ossedge.targets.bundle import is_bundle, verify_bundle
+
+    if is_bundle(artifact):
+        r = verify_bundle(artifact)
+        if as_json:
+            click.echo(json.dumps(r, indent=2))
+        else:
+            click.echo(f"bundle  {artifact} ({r['platform']}, contract {r['contract_version']}): "
+                       f"{r['files_checked']} files, {_gb(r['bytes_checked'])}, sha256 all match")
+            click.echo(f"models  {'; '.join(r['models'])}")
+            click.echo("PASSED")
+        return
+    if reference is None:
+        raise click.UsageError("--reference CKPT is required to verify an artifact")
 
     r = verify_artifact(
         artifact, reference, tokens=tokens, tolerance=tolerance, progress=_progress()
@@ -450,6 +514,12 @@ def verify(artifact, reference, tokens, tolerance, as_json) -> None:
         raise ParityError(
             f"{artifact}: rel_err {r['rel_err']:.3e} exceeds the tolerance {r['tolerance']:g}"
         )
+
+
+from ossedge.convert.cli_devices import bundle, plan  # noqa: E402  (commands in their own module)
+
+cli.add_command(plan)
+cli.add_command(bundle)
 
 
 def main() -> None:

@@ -84,3 +84,27 @@ def tiny_dense_ckpt(synth) -> Path:
 @pytest.fixture(scope="session")
 def tiny_original_ckpt(synth) -> Path:
     return synth(layout="original")
+
+
+@pytest.fixture(scope="session")
+def et_artifact(tmp_path_factory) -> Path:
+    """The bundled trained model as an ExecuTorch artifact (recipe mobile, context 2048, not
+    verified): gpt-oss's proportions (4 query heads per KV head, prefill = window), so attention
+    dominates the program's memory as at full size. Read-only: copy it to break it."""
+    from ossedge.assets import default_model_dir
+    from ossedge.targets.executorch.export import convert
+
+    out = tmp_path_factory.mktemp("et2048") / "tiny-et"
+    convert(default_model_dir(), out, max_context=2048, verify_tokens=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def coreml_artifact(tmp_path_factory) -> Path:
+    """The bundled trained model as a Core ML artifact (ios26, context 64, not verified)."""
+    from ossedge.assets import default_model_dir
+    from ossedge.targets.coreml.convert import convert
+
+    out = tmp_path_factory.mktemp("coreml") / "tiny-coreml"
+    convert(default_model_dir(), out, max_context=64, verify_tokens=0)
+    return out

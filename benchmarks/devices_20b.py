@@ -1,0 +1,154 @@
+"""The memory model and expert streaming on the synthetic gpt-oss-20b ExecuTorch artifact.
+
+    python -m ossedge.benchmarks.devices_20b [--artifact out/20b-et] [--limits 12G,8G]
+        [--prompt 128] [--gen 32] [--save]
+
+Each run is a child process that loads the artifact, prefills `--prompt` random tokens and
+decodes `--gen` greedily, reporting decode tok/s, major page faults and RSS:
+  - `locked`: as the pybindings load it here as root (the weights mlock'ed: all resident);
+  - `unlimited`: as an app (no memory locking), no memory limit;
+  - one run per `--limits` entry: as an app inside a memory cgroup of that size, the OS paging
+    the memory-mapped experts from disk as they are needed.
+The artifact's pages are evicted from the page cache before every run. Prints one JSON object
+with the memory model's prediction next to the measured peak RSS; `--save` writes the streaming
+runs to targets/data/streaming.json, which `ossedge plan` reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ossedge.benchmarks.limits import app_like, evict, memory_cgroup, parse_size
+
+GB = 1e9
+RUN = r"""
+import json, resource, sys, time, torch
+from ossedge.benchmarks.rss import proc_status
+from ossedge.runtime.executorch import ExecuTorchModel
+root, n_prompt, n_gen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+t0 = time.perf_counter()
+model = ExecuTorchModel(root)
+load_s = time.perf_counter() - t0
+g = torch.Generator().manual_seed(0)
+ids = torch.randint(0, model.config.vocab_size - 2000, (1, n_prompt), generator=g)
+cache = model.new_cache()
+f0, t0 = faults(), time.perf_counter()
+logits = model(ids, cache=cache)
+prefill_s, f1 = time.perf_counter() - t0, faults()
+t0 = time.perf_counter()
+for _ in range(n_gen):
+    logits = model(torch.tensor([[int(logits.reshape(-1).argmax())]]), cache=cache)
+decode_s = time.perf_counter() - t0
+print(json.dumps({"load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s,
+                  "prefill_major_faults": f1 - f0, "decode_major_faults": faults() - f1,
+                  "prompt_tokens": n_prompt, "gen_tokens": n_gen, **proc_status()}))
+"""
+
+
+def run_once(artifact: Path, prompt: int, gen: int, *, limit: int | None, app: bool) -> dict:
+    evict([artifact])
+    argv = [sys.executable, "-c", RUN, str(artifact), str(prompt), str(gen)]
+    if limit is None:
+        cmd = app_like(argv) if app else argv
+        p = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    else:
+        with memory_cgroup(limit) as procs:
+            p = subprocess.run(app_like(argv, procs=procs), capture_output=True, text=True,
+                               check=False)
+    if p.returncode:
+        why = ("killed: out of memory under the limit" if p.returncode == -9
+               else f"exit {p.returncode}: {p.stderr.strip().splitlines()[-1:]}")
+        return {"failed": why}
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    return {
+        "load_s": round(r["load_s"], 1),
+        "prefill_tok_s": round(r["prompt_tokens"] / r["prefill_s"], 2),
+        "decode_tok_s": round(r["gen_tokens"] / r["decode_s"], 3),
+        "major_faults_per_token": round(r["decode_major_faults"] / r["gen_tokens"], 1),
+        "prefill_major_faults": r["prefill_major_faults"],
+        "peak_rss_gb": round(r["VmHWM"] / GB, 2),
+        "rss_anon_gb": round(r["RssAnon"] / GB, 2),
+        "rss_file_gb": round(r["RssFile"] / GB, 2),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--artifact", default="out/20b-et")
+    p.add_argument("--limits", default="12G,8G")
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--gen", type=int, default=32)
+    p.add_argument("--save", action="store_true", help="Write targets/data/streaming.json")
+    a = p.parse_args()
+
+    from ossedge.runtime.config import config_from_hf_dict
+    from ossedge.targets.memory import executorch_footprint
+
+    art = Path(a.artifact)
+    manifest = json.loads((art / "manifest.json").read_text())
+    cfg = config_from_hf_dict(manifest["config"])
+    f = executorch_footprint(cfg, manifest["recipe"], manifest["max_context"],
+                             max_prefill=manifest["max_prefill"], host="python")
+    result: dict = {
+        "artifact": str(art),
+        "recipe": manifest["recipe"],
+        "max_context": manifest["max_context"],
+        "predicted": {"resident_gb": round(f.resident / GB, 2), "anon_gb": round(f.anon / GB, 2),
+                      "mapped_gb": round(f.mapped / GB, 2)},
+        "runs": {},
+    }
+    plans = [("locked", None, False), ("unlimited", None, True)]
+    plans += [(s, parse_size(s), True) for s in a.limits.split(",") if s]
+    for name, limit, app in plans:
+        t0 = time.perf_counter()
+        result["runs"][name] = run_once(art, a.prompt, a.gen, limit=limit, app=app)
+        result["runs"][name]["wall_s"] = round(time.perf_counter() - t0, 1)
+        print(f"{name}: {result['runs'][name]}", file=sys.stderr)
+    base = result["runs"]["locked"]
+    if "peak_rss_gb" in base:
+        result["predicted_vs_measured_peak"] = round(
+            result["predicted"]["resident_gb"] / base["peak_rss_gb"] - 1, 3)
+        result["predicted_vs_measured_anon"] = round(
+            result["predicted"]["anon_gb"] / base["rss_anon_gb"] - 1, 3)
+    print(json.dumps(result, indent=2))
+    if a.save:
+        save(result)
+
+
+def save(result: dict) -> None:
+    """targets/data/streaming.json: the memory-limited runs next to the unlimited one."""
+    import ossedge.targets as targets
+
+    unlimited = result["runs"]["unlimited"]["decode_tok_s"]
+    runs = [{"limit": "none", "decode_tok_s": unlimited, "slowdown": 1.0,
+             "major_faults_per_token": result["runs"]["unlimited"]["major_faults_per_token"]}]
+    for name, r in result["runs"].items():
+        if name in ("locked", "unlimited") or "decode_tok_s" not in r:
+            continue
+        runs.append({"limit": name, "decode_tok_s": r["decode_tok_s"],
+                     "slowdown": round(unlimited / r["decode_tok_s"], 2),
+                     "major_faults_per_token": r["major_faults_per_token"]})
+    out = {
+        "machine": f"Linux {platform.machine()}, {__import__('os').cpu_count()} CPUs, memory "
+                   "cgroup limits, local disk",
+        "date": time.strftime("%Y-%m-%d"),
+        "artifact": f"synthetic gpt-oss-20b, ExecuTorch, recipe {result['recipe']}, context "
+                    f"{result['max_context']}",
+        "command": "python -m ossedge.benchmarks.devices_20b --save",
+        "runs": runs,
+    }
+    path = Path(targets.__file__).parent / "data" / "streaming.json"
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

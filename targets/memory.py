@@ -1,0 +1,216 @@
+"""Memory model: the peak footprint of an artifact on a device, by part, and what a decoded token
+reads. Two kinds of memory: `anon` (heap: packed linear weights, the KV cache and activations,
+the runtime) must stay resident and counts against an app's limit; `mapped` (weights memory-mapped
+from the artifact's files, clean pages) is resident while there is room and is paged back in from
+flash by the OS when there is not. An artifact *fits* a device when anon + mapped ≤ the app
+budget; it *streams* when only anon + a working set of experts fits.
+
+The ExecuTorch figures are validated against RSS measured on Linux (tests/test_memory.py for the
+tiny model, `python -m ossedge.benchmarks.devices_20b` for the 20b); the Core ML figures follow the
+artifact's stored bytes and states and are not validated on an Apple device.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ossedge.runtime.checkpoint import logical_tensors
+from ossedge.runtime.config import GptOssConfig
+
+TARGETS = ("executorch", "coreml")
+HOSTS = ("app", "python")
+# The runtime itself. python: this process with torch, the executorch pybindings and the ossedge
+# kernels imported and a program initialized (VmHWM measured on Linux x86-64, 2026-12-01: 0.43 GB
+# before loading, 0.47 GB after loading the tiny artifact). app: the native ExecuTorch or Core ML
+# runtime, XNNPACK and a tokenizer inside an app (estimate: the libraries' sizes and the
+# tokenizer's tables; not measured on a phone).
+HOST_BYTES = {"python": 470_000_000, "app": 150_000_000}
+# Fraction of the experts a streaming run keeps in the page cache at least: below it, each token's
+# experts are read from flash again.
+STREAM_MIN_EXPERT_FRACTION = 0.15
+DEFAULT_CONTEXT = 4096
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    bytes: int
+    kind: str  # "anon" | "mapped"
+    note: str
+
+
+@dataclass
+class Footprint:
+    target: str
+    recipe: str
+    context: int
+    host: str
+    parts: list[Part] = field(default_factory=list)
+
+    def total(self, kind: str | None = None) -> int:
+        return sum(p.bytes for p in self.parts if kind is None or p.kind == kind)
+
+    @property
+    def anon(self) -> int:
+        return self.total("anon")
+
+    @property
+    def mapped(self) -> int:
+        return self.total("mapped")
+
+    @property
+    def resident(self) -> int:
+        """Peak with nothing paged out: what RSS reaches once every weight has been touched."""
+        return self.anon + self.mapped
+
+    def part(self, name: str) -> int:
+        return sum(p.bytes for p in self.parts if p.name == name)
+
+    @property
+    def streaming_minimum(self) -> int:
+        """The least memory a run with experts paged from flash needs: anon, the non-expert mapped
+        weights, and a working set of the experts."""
+        experts = self.part("experts")
+        return self.resident - experts + int(experts * STREAM_MIN_EXPERT_FRACTION)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(anon=self.anon, mapped=self.mapped, resident=self.resident,
+                 streaming_minimum=self.streaming_minimum)
+        return d
+
+
+def _weights(cfg: GptOssConfig, recipe: str, *, kept_bytes: int) -> dict[str, int]:
+    """Stored bytes by group: experts (weights), expert_biases, linears (attention q/k/v/o and the
+    unembedding, with their biases), embedding, small (norms, sinks, router). Kept (unquantized)
+    tensors count `kept_bytes` per value: what the target stores them as."""
+    from ossedge.quantize.qtensor import stored_bytes
+    from ossedge.quantize.recipes import get_recipe
+
+    rec = get_recipe(recipe)
+    out = dict.fromkeys(("experts", "expert_biases", "linears", "embedding", "small"), 0)
+    for name, shape in logical_tensors(cfg):
+        fmt = rec.format_for(name, shape)
+        if fmt != "keep":
+            size = stored_bytes(fmt, shape)
+        else:  # a dense embedding table stays as stored (bf16): only its rows are converted
+            size = math.prod(shape) * (2 if name == "model.embed_tokens.weight" else kept_bytes)
+        if ".experts." in name:
+            out["expert_biases" if name.endswith("_bias") else "experts"] += size
+        elif name == "model.embed_tokens.weight":
+            out["embedding"] += size
+        elif "_proj." in name or name == "lm_head.weight":
+            out["linears"] += size
+        else:
+            out["small"] += size
+    return out
+
+
+def kv_cache_bytes(cfg: GptOssConfig, context: int, *, dtype_bytes: int) -> int:
+    """K and V of every layer: `context` slots for full layers, the window for sliding ones."""
+    per_slot = 2 * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
+    return sum(
+        per_slot * (cfg.sliding_window if cfg.is_sliding(i) else context)
+        for i in range(cfg.num_hidden_layers)
+    )
+
+
+def executorch_activation_bytes(cfg: GptOssConfig, context: int, max_prefill: int) -> int:
+    """The program's activation memory beside the KV cache (memory-planned, fp32): at the largest
+    prefill P, a full layer holds the scores and the softmax [Hq, P, S] at once with the additive
+    mask [G, P, S] (G = query heads per KV head), plus the hidden states [P, H]. Matches the
+    planned arena of exported programs to 0.1% (tests/test_memory.py)."""
+    hq, g = cfg.num_attention_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+    p = max_prefill
+    return (2 * hq + g) * p * (context + p) * 4 + p * cfg.hidden_size * 4
+
+
+def executorch_footprint(
+    cfg: GptOssConfig,
+    recipe: str,
+    context: int,
+    *,
+    max_prefill: int | None = None,
+    host: str = "app",
+) -> Footprint:
+    """Predicted peak memory of an ExecuTorch artifact: XNNPACK repacks the linear layers into
+    its own heap buffers at load (anon, ≈ their stored bytes; float weights as fp32); the experts,
+    their biases and the embedding stay memory-mapped in model.ptd; the KV cache (fp32) and the
+    activations live in the program's planned arena (anon)."""
+    p = max_prefill or cfg.sliding_window
+    w = _weights(cfg, recipe, kept_bytes=4)
+    f = Footprint("executorch", recipe, context, host)
+    f.parts += [
+        Part("runtime", HOST_BYTES[host], "anon", f"{host} host: runtime libraries and heap"),
+        Part("linears", w["linears"] + w["small"], "anon",
+             "attention and unembedding, repacked by XNNPACK at load; norms, router, sinks"),
+        Part("kv_cache", kv_cache_bytes(cfg, context, dtype_bytes=4), "anon",
+             f"fp32 K/V: {context} slots in full layers, {cfg.sliding_window} in sliding ones"),
+        Part("activations", executorch_activation_bytes(cfg, context, p), "anon",
+             f"planned arena at the largest prefill ({p} tokens)"),
+        Part("experts", w["experts"] + w["expert_biases"], "mapped",
+             "expert weights in model.ptd, read in place by the ossedge MoE kernel"),
+        Part("embedding", w["embedding"], "mapped", "embedding table in model.ptd"),
+    ]
+    return f
+
+
+def coreml_footprint(
+    cfg: GptOssConfig, recipe: str, context: int, *, host: str = "app"
+) -> Footprint:
+    """Predicted peak memory of a Core ML artifact: every function's weights as stored
+    (compressed: Core ML expands constexpr weights as a function runs), fp16 KV states, the
+    embedding file memory-mapped by the host. Not validated on an Apple device."""
+    w = _weights(cfg, recipe, kept_bytes=2)
+    f = Footprint("coreml", recipe, context, host)
+    f.parts += [
+        Part("runtime", HOST_BYTES[host], "anon", f"{host} host: Core ML runtime and heap"),
+        Part("linears", w["linears"] + w["small"] + w["expert_biases"], "mapped",
+             "attention, router and head functions' weights"),
+        Part("kv_cache", kv_cache_bytes(cfg, context, dtype_bytes=2), "anon",
+             f"fp16 states: {context} slots in full layers, {cfg.sliding_window} in sliding ones"),
+        Part("activations", cfg.num_attention_heads * context * 4 * 3, "anon",
+             "one token's scores and softmax per call"),
+        Part("experts", w["experts"], "mapped", "one function per expert, MXFP4 or int4"),
+        Part("embedding", w["embedding"], "mapped", "embedding.safetensors, one row per token"),
+    ]
+    return f
+
+
+def footprint(cfg: GptOssConfig, target: str, recipe: str, context: int, **kw) -> Footprint:
+    if target == "executorch":
+        return executorch_footprint(cfg, recipe, context, **kw)
+    if target == "coreml":
+        kw.pop("max_prefill", None)
+        return coreml_footprint(cfg, recipe, context, **kw)
+    raise ValueError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
+
+
+def decode_read_bytes(cfg: GptOssConfig, target: str, recipe: str, context: int) -> int:
+    """Bytes one decoded token reads: the k selected experts of every layer, all linear layers,
+    one embedding row, and the KV cache (the programs attend over every slot, masked)."""
+    w = _weights(cfg, recipe, kept_bytes=4 if target == "executorch" else 2)
+    experts = w["experts"] * cfg.num_experts_per_tok // cfg.num_local_experts
+    row = w["embedding"] // cfg.vocab_size
+    kv = kv_cache_bytes(cfg, context, dtype_bytes=4 if target == "executorch" else 2)
+    return experts + w["linears"] + w["small"] + row + kv
+
+
+def program_arena_bytes(pte: str | Path) -> int:
+    """The memory-planned arena of an ExecuTorch program's `forward` (KV cache + activations),
+    read from the .pte's flatbuffer header without loading its segments."""
+    from executorch.exir._serialize._flatbuffer_program import _flatbuffer_to_program
+    from executorch.exir._serialize._program import _get_extended_header
+
+    with open(pte, "rb") as f:
+        head = f.read(64)
+        eh = _get_extended_header(head)
+        size = eh.program_size if eh is not None and eh.is_valid() else None
+        f.seek(0)
+        data = f.read(size) if size else f.read()
+    program = _flatbuffer_to_program(data)
+    (plan,) = [p for p in program.execution_plan if p.name == "forward"]
+    return sum(plan.non_const_buffer_sizes)
