@@ -35,7 +35,18 @@ $(KERNELS): $(STAMP) $(KERNEL_SRC) | $(CMAKE)
 
 kernels: $(KERNELS)
 
-install: $(STAMP) $(KERNELS)
+# The native benchmark runner (benchmarks/runner), built the same way into build/runner and copied
+# to benchmarks/runner/bin with the kernel library beside it, where it looks by default.
+RUNNER := benchmarks/runner/bin/ossedge_runner
+RUNNER_SRC := benchmarks/runner/ossedge_runner.cpp benchmarks/runner/CMakeLists.txt
+
+$(RUNNER): $(STAMP) $(KERNELS) $(RUNNER_SRC) | $(CMAKE)
+	$(CMAKE) -S benchmarks/runner -B build/runner -DCMAKE_BUILD_TYPE=Release -DOSSEDGE_RUNNER_KERNELS=OFF \
+		-DEXECUTORCH_ROOT="$$($(BIN)/python -c 'import executorch; print(list(executorch.__path__)[0])')" >/dev/null
+	$(CMAKE) --build build/runner -j2
+	mkdir -p $(dir $(RUNNER)) && cp build/runner/ossedge_runner $(RUNNER) && cp $(KERNELS) $(dir $(RUNNER))
+
+install: $(STAMP) $(KERNELS) $(RUNNER)
 
 demo: install
 	$(BIN)/ossedge inspect $(MODEL)
@@ -67,4 +78,4 @@ bench-reference: install
 	$(BIN)/python -m ossedge.benchmarks.reference_20b
 
 clean:
-	rm -rf out build *.egg-info targets/executorch/lib
+	rm -rf out build *.egg-info targets/executorch/lib benchmarks/runner/bin

@@ -516,10 +516,12 @@ def verify(artifact, reference, tokens, tolerance, as_json) -> None:
         )
 
 
-from ossedge.convert.cli_devices import bundle, plan  # noqa: E402  (commands in their own module)
+from ossedge.convert.cli_bench import bench  # noqa: E402  (commands in their own modules)
+from ossedge.convert.cli_devices import bundle, plan  # noqa: E402
 
 cli.add_command(plan)
 cli.add_command(bundle)
+cli.add_command(bench)
 
 
 def main() -> None:

@@ -1,0 +1,117 @@
+"""One benchmark process for the Python runners, with the native runner's JSON contract:
+
+    python -m ossedge.benchmarks.bench_child --backend reference|executorch|coreml --model DIR
+        [--prompt-length N] [--gen-tokens N] [--runs R] [--warmup W] [--threads T] [--seed S]
+
+Loads the model once (timed), then per run prefills the same seeded random prompt and decodes
+greedily; prints one JSON object: load_s, runs [{ttft_s, prefill_s, decode_s, prefill_tok_s,
+decode_tok_s, tokens}], rss (VmHWM, VmRSS, RssAnon, RssFile), major_faults. Warm-up runs are done
+first and not reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+
+def load(backend: str, model: str):
+    """(model, vocab size) with the reference runtime's generation contract."""
+    if backend == "reference":
+        import torch
+
+        from ossedge.runtime import load_model
+
+        m = load_model(model, dtype=torch.float32)
+        return m, m.config.vocab_size
+    from ossedge.runtime.artifacts import open_artifact
+
+    m = open_artifact(model, engine="coreml" if backend == "coreml" else "auto")
+    return m, m.config.vocab_size
+
+
+def one_run(model, ids, gen: int) -> dict:
+    import torch
+
+    cache = model.new_cache()
+    t0 = time.perf_counter()
+    logits = model(ids, cache=cache, last_only=True)
+    tok = int(logits[0, -1].argmax())
+    prefill = time.perf_counter() - t0
+    tokens = [tok]
+    t0 = time.perf_counter()
+    for _ in range(gen - 1):
+        logits = model(torch.tensor([[tok]]), cache=cache, last_only=True)
+        tok = int(logits[0, -1].argmax())
+        tokens.append(tok)
+    decode = time.perf_counter() - t0
+    n = ids.shape[1]
+    return {
+        "ttft_s": prefill,
+        "prefill_s": prefill,
+        "decode_s": decode,
+        "prefill_tok_s": n / prefill,
+        "decode_tok_s": (gen - 1) / decode if gen > 1 else 0.0,
+        "tokens": tokens,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backend", required=True, choices=["reference", "executorch", "coreml"])
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt-length", type=int, default=128)
+    p.add_argument("--gen-tokens", type=int, default=32)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt-ids", default=None, help="Comma-separated prompt token ids "
+                   "(instead of a seeded random prompt of --prompt-length)")
+    a = p.parse_args(argv)
+
+    import torch
+
+    from ossedge.benchmarks.rss import proc_status
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+        if a.backend == "executorch":
+            from executorch.extension.pybindings import portable_lib
+
+            portable_lib._unsafe_reset_threadpool(a.threads)
+    t0 = time.perf_counter()
+    model, vocab = load(a.backend, a.model)
+    load_s = time.perf_counter() - t0
+    if a.prompt_ids:
+        ids = torch.tensor([[int(x) for x in a.prompt_ids.split(",")]])
+        a.prompt_length = ids.shape[1]
+    else:
+        g = torch.Generator().manual_seed(a.seed)
+        ids = torch.randint(0, max(2, vocab - 1100), (1, a.prompt_length), generator=g)
+    context = getattr(model, "max_context", None) or model.config.max_position_embeddings
+    if a.prompt_length + a.gen_tokens > context:
+        sys.exit(f"error: {a.prompt_length} prompt + {a.gen_tokens} generated tokens exceed the "
+                 f"context of {context}; use shorter --prompt-lengths")
+    for _ in range(a.warmup):
+        one_run(model, ids, a.gen_tokens)
+    runs = [one_run(model, ids, a.gen_tokens) for _ in range(a.runs)]
+    print(json.dumps({
+        "runner": f"python-{a.backend}",
+        "model": a.model,
+        "load_s": load_s,
+        "threads": a.threads or torch.get_num_threads(),
+        "prompt_tokens": a.prompt_length,
+        "gen_tokens": a.gen_tokens,
+        "warmup_runs": a.warmup,
+        "runs": runs,
+        "rss": proc_status(),
+        "major_faults": resource.getrusage(resource.RUSAGE_SELF).ru_majflt,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""`ossedge bench`: load time, time to first token, prefill and decode speed and peak memory of a
+model per prompt length, over several runs (warm-up runs excluded), through one runner on one
+transport, written as a RESULTS.json that carries the device, the artifact, the versions and
+every raw timing (schema `ossedge-bench/1`, checked by `validate`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ossedge.runtime.errors import OssedgeError
+
+SCHEMA = "ossedge-bench/1"
+BACKENDS = ("reference", "executorch", "coreml")
+RUNNERS = {"reference": ("python",), "executorch": ("pybindings", "native"),
+           "coreml": ("coremltools",)}
+
+
+class BenchError(OssedgeError):
+    """A benchmark cannot run with these inputs."""
+
+
+def native_runner() -> Path:
+    """The C++ runner built by `make install`."""
+    import ossedge.benchmarks as pkg
+
+    return Path(pkg.__file__).parent / "runner" / "bin" / "ossedge_runner"
+
+
+def describe_model(path: Path, backend: str) -> dict[str, Any]:
+    """What is benchmarked: format, recipe, context and the manifest's sha256."""
+    from ossedge.runtime.artifacts import artifact_format
+
+    kind = artifact_format(path)
+    want = {"reference": None, "executorch": "executorch", "coreml": "coreml"}[backend]
+    if kind != want:
+        if backend == "reference":
+            raise BenchError(f"{path} is a {kind} artifact; the reference backend runs "
+                             f"checkpoints — use --backend {kind}")
+        raise BenchError(f"{path} is not an ossedge {want} artifact; make one with "
+                         f"`ossedge convert --target {want}`")
+    if kind is None:
+        from ossedge.runtime.checkpoint import open_checkpoint
+
+        ckpt = open_checkpoint(path)
+        recipe = getattr(ckpt, "recipe", "native")
+        manifest = path / "manifest.json"
+        return {
+            "path": str(path), "format": f"checkpoint ({ckpt.layout})", "recipe": recipe,
+            "max_context": ckpt.config.max_position_embeddings,
+            "vocab_size": ckpt.config.vocab_size,
+            "manifest_sha256": _sha(manifest) if manifest.is_file() else None,
+            "config_sha256": _sha(path / "config.json") if (path / "config.json").is_file()
+            else None,
+        }
+    m = json.loads((path / "manifest.json").read_text())
+    return {"path": str(path), "format": m["format"], "recipe": m["recipe"],
+            "max_context": m["max_context"], "vocab_size": m["config"]["vocab_size"],
+            "manifest_sha256": _sha(path / "manifest.json"),
+            "contract_version": m.get("contract_version")}
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in ("ossedge", "torch", "executorch", "coremltools"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
+    }
+
+
+def prompt_ids(n: int, vocab: int, seed: int) -> list[int]:
+    """The benchmark prompt: n seeded random ids below the special tokens (the same for every
+    runner, so their greedy outputs can be compared)."""
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, max(2, vocab - 1100), n).tolist()
+
+
+def _command(backend: str, runner: str, remote: dict[str, str], n: int, a: dict,
+             vocab: int) -> list[str]:
+    ids = ",".join(map(str, prompt_ids(n, vocab, a["seed"])))
+    common = ["--prompt-ids", ids, "--gen-tokens", str(a["gen_tokens"]),
+              "--runs", str(a["runs"]), "--warmup", str(a["warmup"])]
+    if a["threads"]:
+        common += ["--threads", str(a["threads"])]
+    if runner == "native":
+        return [remote["runner"], "--model", remote["model"],
+                "--kernels", remote["kernels"], *common]
+    return [sys.executable, "-m", "ossedge.benchmarks.bench_child", "--backend", backend,
+            "--model", remote["model"], *common]
+
+
+def run_bench(
+    model: str | Path,
+    *,
+    backend: str = "executorch",
+    runner: str | None = None,
+    device: str = "local",
+    prompt_lengths: tuple[int, ...] = (128, 512, 2048),
+    gen_tokens: int = 32,
+    runs: int = 3,
+    warmup: int = 1,
+    threads: int | None = None,
+    memory_limit: str | None = None,
+    seed: int = 0,
+    runner_bin: str | Path | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from ossedge.benchmarks.limits import parse_size
+    from ossedge.benchmarks.transports import open_transport
+
+    model = Path(model)
+    if backend not in BACKENDS:
+        raise BenchError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if not model.exists():
+        raise BenchError(f"{model}: no such model or artifact directory")
+    if device != "local" and runner is None:
+        runner = "native"  # nothing but the native runner runs on a phone
+    runner = runner or RUNNERS[backend][0]
+    if runner not in RUNNERS[backend]:
+        raise BenchError(f"runner {runner!r} does not run the {backend} backend; choose "
+                         f"{' or '.join(RUNNERS[backend])}")
+    if device != "local" and runner != "native":
+        raise BenchError(f"--device {device} runs the native ExecuTorch runner only "
+                         "(--backend executorch --runner native)")
+    if backend == "coreml" and platform.system() != "Darwin":
+        raise BenchError("Core ML predictions need macOS; on Linux check the artifact with "
+                         "`ossedge verify` (the MIL interpreter) instead")
+    if gen_tokens < 2 or runs < 1 or warmup < 0 or not prompt_lengths:
+        raise BenchError("need --gen-tokens ≥ 2, --runs ≥ 1, --warmup ≥ 0 and a prompt length")
+    info = describe_model(model, backend)
+    too_long = [n for n in prompt_lengths if n + gen_tokens > info["max_context"]]
+    if too_long:
+        raise BenchError(f"prompt length {too_long[0]} + {gen_tokens} generated tokens exceed "
+                         f"{model}'s context of {info['max_context']}; use shorter "
+                         "--prompt-lengths or convert with a larger --max-context")
+    limit = parse_size(memory_limit) if memory_limit else None
+    transport = open_transport(device, memory_limit=limit)
+    files = {"model": model}
+    if runner == "native":
+        from ossedge.runtime.executorch import kernel_library
+
+        binary = Path(runner_bin) if runner_bin else native_runner()
+        if not binary.is_file():
+            raise BenchError(f"{binary}: the native runner is missing; run `make install` "
+                             "(or give --runner-bin)")
+        files.update(runner=binary, kernels=kernel_library())
+        if not files["kernels"].is_file():
+            raise BenchError(f"{files['kernels']}: the kernel library is missing; run "
+                             "`make install`")
+    remote = transport.stage(files)
+    settings = {"prompt_lengths": list(prompt_lengths), "gen_tokens": gen_tokens, "runs": runs,
+                "warmup": warmup, "threads": threads, "seed": seed,
+                "memory_limit": memory_limit, "memory_limit_bytes": limit}
+    results = []
+    for n in tqdm(prompt_lengths, desc="bench", unit="prompt", disable=not progress):
+        if limit is not None:
+            transport.evict([model])  # the limited run pays for its own reads
+        argv = _command(backend, runner, remote, n, settings, info["vocab_size"])
+        t0 = time.perf_counter()
+        p = transport.run(argv)
+        if p.returncode:
+            if p.returncode in (-9, 137) and limit is not None:
+                raise BenchError(f"prompt {n}: killed, out of memory under --memory-limit "
+                                 f"{memory_limit}; the model's heap does not fit that limit")
+            last = [ln for ln in p.stderr.splitlines() if ln.strip()][-1:] or ["(no output)"]
+            raise BenchError(f"prompt {n}: the {runner} runner failed (exit {p.returncode}): "
+                             f"{last[0][:300]}")
+        raw = json.loads(p.stdout.strip().splitlines()[-1])
+        results.append(summarize(raw, wall_s=time.perf_counter() - t0))
+    return {
+        "schema": SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": sys.argv,
+        "backend": backend,
+        "runner": runner,
+        "device": transport.describe(),
+        "artifact": info,
+        "versions": versions(),
+        "settings": settings,
+        "results": results,
+    }
+
+
+def summarize(raw: dict[str, Any], *, wall_s: float) -> dict[str, Any]:
+    runs = raw["runs"]
+    rss = raw.get("rss", {})
+    return {
+        "prompt_tokens": raw["prompt_tokens"],
+        "gen_tokens": raw["gen_tokens"],
+        "load_s": raw["load_s"],
+        "ttft_s": stats([r["ttft_s"] for r in runs]),
+        "prefill_tok_s": stats([r["prefill_tok_s"] for r in runs]),
+        "decode_tok_s": stats([r["decode_tok_s"] for r in runs]),
+        "peak_rss_bytes": rss.get("VmHWM"),
+        "rss_anon_bytes": rss.get("RssAnon"),
+        "rss_file_bytes": rss.get("RssFile"),
+        "major_faults": raw.get("major_faults"),
+        "threads": raw.get("threads"),
+        "wall_s": round(wall_s, 2),
+        "raw": raw,
+    }
+
+
+_REQUIRED = {"schema": str, "backend": str, "runner": str, "device": dict, "artifact": dict,
+             "versions": dict, "settings": dict, "results": list}
+_RESULT = {"prompt_tokens": int, "gen_tokens": int, "load_s": float, "ttft_s": dict,
+           "prefill_tok_s": dict, "decode_tok_s": dict, "raw": dict}
+
+
+def validate(d: Any, where: str = "results") -> dict[str, Any]:
+    """Check a RESULTS.json against the schema; BenchError names the first problem."""
+    if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+        raise BenchError(f"{where}: not an ossedge bench result (schema {SCHEMA} expected)")
+    for key, typ in _REQUIRED.items():
+        if not isinstance(d.get(key), typ):
+            raise BenchError(f"{where}: {key!r} missing or not a {typ.__name__}")
+    if not d["results"]:
+        raise BenchError(f"{where}: no results")
+    for i, r in enumerate(d["results"]):
+        for key, typ in _RESULT.items():
+            v = r.get(key)
+            ok = isinstance(v, (int, float)) if typ is float else isinstance(v, typ)
+            if not ok:
+                raise BenchError(f"{where}: results[{i}].{key} missing or not a {typ.__name__}")
+        for key in ("ttft_s", "prefill_tok_s", "decode_tok_s"):
+            if set(r[key]) != {"median", "min", "max", "stdev"} or r[key]["median"] <= 0:
+                raise BenchError(f"{where}: results[{i}].{key} is not a positive statistic")
+        if len(r["raw"].get("runs", [])) != d["settings"].get("runs"):
+            raise BenchError(f"{where}: results[{i}] has {len(r['raw'].get('runs', []))} raw "
+                             f"runs, settings say {d['settings'].get('runs')}")
+    return d

@@ -1,0 +1,94 @@
+"""`ossedge bench MODEL …` (measure) and `ossedge bench report RESULTS… -o DIR`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+
+class _DefaultRun(click.Group):
+    """`ossedge bench MODEL …` means `ossedge bench run MODEL …`; `report` is the other verb."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_DefaultRun)
+def bench() -> None:
+    """Benchmark a model: `ossedge bench MODEL [options] -o RESULTS.json`, then
+    `ossedge bench report RESULTS*.json -o DIR`."""
+
+
+def _lengths(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+    if not out or min(out) < 1:
+        raise click.BadParameter("give positive prompt lengths, e.g. 128,512,2048")
+    return out
+
+
+@bench.command(name="run")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(["reference", "executorch", "coreml"]),
+              default="executorch", show_default=True)
+@click.option("--runner", type=click.Choice(["python", "pybindings", "native", "coremltools"]),
+              default=None, help="executorch: pybindings (default here) or native (the C++ "
+              "runner; the only one on adb).")
+@click.option("--device", default="local", show_default=True,
+              help="local, adb (the one attached device) or adb:SERIAL.")
+@click.option("--prompt-lengths", default="128,512,2048", show_default=True, callback=_lengths)
+@click.option("--gen-tokens", type=click.IntRange(min=2), default=32, show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Runs before the measured ones, not reported.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="[default: every core]")
+@click.option("--memory-limit", default=None,
+              help="Run inside a memory cgroup of this size (e.g. 8G): an 8 GB device.")
+@click.option("--runner-bin", type=click.Path(path_type=Path), default=None,
+              help="Another native runner binary (e.g. built for Android with the NDK).")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True)
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+def run(model, backend, runner, device, prompt_lengths, gen_tokens, runs, warmup, threads,
+        memory_limit, runner_bin, out, force) -> None:
+    """Measure MODEL: load time, time to first token, prefill and decode tok/s (median and
+    spread over --runs), peak RSS (heap and file-backed), per prompt length → OUTPUT (JSON)."""
+    from ossedge.benchmarks.harness import run_bench
+    from ossedge.runtime.errors import OutputExistsError
+
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} already exists; pass --force to replace it")
+    kw = dict(prompt_lengths=prompt_lengths, gen_tokens=gen_tokens, runs=runs, warmup=warmup,
+              threads=threads, memory_limit=memory_limit, progress=sys.stderr.isatty())
+    r = run_bench(model, backend=backend, runner=runner, device=device, runner_bin=runner_bin,
+                  **kw)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(r, indent=2) + "\n")
+    tmp.replace(out)
+    for x in r["results"]:
+        click.echo(
+            f"{r['backend']}/{r['runner']} prompt {x['prompt_tokens']:>5}: load "
+            f"{x['load_s']:.2f} s, TTFT {x['ttft_s']['median']:.3f} s, prefill "
+            f"{x['prefill_tok_s']['median']:.1f} tok/s, decode {x['decode_tok_s']['median']:.2f} "
+            f"tok/s, peak RSS {(x['peak_rss_bytes'] or 0) / 1e9:.2f} GB")
+    click.echo(f"wrote {out}")
+
+
+@bench.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True)
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+def report(results, out, force) -> None:
+    """Markdown report with tables and PNG plots from RESULTS.json files, into directory OUT."""
+    from ossedge.benchmarks.report import write_report
+
+    path = write_report(list(results), out, force=force)
+    click.echo(f"wrote {path}/report.md with decode_vs_context.png, ttft_vs_prompt.png, "
+               "memory.png")
