@@ -1,6 +1,7 @@
 """The full-size benchmark: synthetic gpt-oss-20b → ExecuTorch artifact → `ossedge bench` on this
-machine (pybindings and the native runner, then the native runner under a memory limit, and
-optionally the reference runtime) → `ossedge bench report`.
+machine (pybindings; the native runner with llama.cpp on the same weights as its peer, when
+llama-cpp-python is installed; the native runner under a memory limit; optionally the reference
+runtime) → `ossedge bench report`.
 
     python -m ossedge.benchmarks.full_20b [--ckpt out/gpt-oss-20b-synth] [--artifact out/20b-et]
         [--out out/bench-20b] [--prompt-lengths 128,512,1024] [--gen-tokens 16] [--runs 2]
@@ -34,6 +35,7 @@ def main() -> None:
     p.add_argument("--gen-tokens", default="16")
     p.add_argument("--runs", default="2")
     p.add_argument("--memory-limit", default="8G")
+    p.add_argument("--no-peer", action="store_true", help="Skip llama.cpp")
     p.add_argument("--reference", action="store_true",
                    help="Also bench the reference runtime (bf16 torch: ~10 s per token here)")
     a = p.parse_args()
@@ -47,15 +49,21 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     common = ["--prompt-lengths", a.prompt_lengths, "--gen-tokens", a.gen_tokens,
               "--runs", a.runs, "--warmup", "1", "--force"]
+    from ossedge.benchmarks.peer import llama_cpp_available
+
+    peer = [] if a.no_peer or not llama_cpp_available() else [
+        "--peer", "llama.cpp", "--peer-gguf", str(out / "gpt-oss-20b.gguf")]
     results = []
     for name, extra in (
         ("et-pybindings", ["--runner", "pybindings"]),
-        ("et-native", ["--runner", "native"]),
+        ("et-native", ["--runner", "native", *peer]),
         (f"et-native-{a.memory_limit}", ["--runner", "native", "--memory-limit", a.memory_limit]),
     ):
         path = out / f"{name}.json"
         ossedge("bench", str(art), "--backend", "executorch", *extra, *common, "-o", str(path))
         results.append(str(path))
+        if "--peer" in extra:
+            results.append(str(out / f"{name}.llama-cpp.json"))
     if a.reference:
         path = out / "reference.json"
         ossedge("bench", str(ckpt), "--backend", "reference", "--prompt-lengths", "128",

@@ -74,7 +74,7 @@ def versions() -> dict[str, str | None]:
     from importlib.metadata import PackageNotFoundError, version
 
     out: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in ("ossedge", "torch", "executorch", "coremltools"):
+    for pkg in ("ossedge", "torch", "executorch", "coremltools", "llama_cpp_python"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -129,8 +129,6 @@ def run_bench(
     runner_bin: str | Path | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    from tqdm import tqdm
-
     from ossedge.benchmarks.limits import parse_size
     from ossedge.benchmarks.transports import open_transport
 
@@ -177,22 +175,11 @@ def run_bench(
     settings = {"prompt_lengths": list(prompt_lengths), "gen_tokens": gen_tokens, "runs": runs,
                 "warmup": warmup, "threads": threads, "seed": seed,
                 "memory_limit": memory_limit, "memory_limit_bytes": limit}
-    results = []
-    for n in tqdm(prompt_lengths, desc="bench", unit="prompt", disable=not progress):
-        if limit is not None:
-            transport.evict([model])  # the limited run pays for its own reads
-        argv = _command(backend, runner, remote, n, settings, info["vocab_size"])
-        t0 = time.perf_counter()
-        p = transport.run(argv)
-        if p.returncode:
-            if p.returncode in (-9, 137) and limit is not None:
-                raise BenchError(f"prompt {n}: killed, out of memory under --memory-limit "
-                                 f"{memory_limit}; the model's heap does not fit that limit")
-            last = [ln for ln in p.stderr.splitlines() if ln.strip()][-1:] or ["(no output)"]
-            raise BenchError(f"prompt {n}: the {runner} runner failed (exit {p.returncode}): "
-                             f"{last[0][:300]}")
-        raw = json.loads(p.stdout.strip().splitlines()[-1])
-        results.append(summarize(raw, wall_s=time.perf_counter() - t0))
+    results = measure(
+        transport, lambda n: _command(backend, runner, remote, n, settings, info["vocab_size"]),
+        prompt_lengths, evict=[model], memory_limit=memory_limit, what=f"the {runner} runner",
+        progress=progress,
+    )
     return {
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -203,6 +190,84 @@ def run_bench(
         "artifact": info,
         "versions": versions(),
         "settings": settings,
+        "results": results,
+    }
+
+
+def measure(transport, argv_for, prompt_lengths, *, evict: list[Path], memory_limit: str | None,
+            what: str, progress: bool = False) -> list[dict[str, Any]]:
+    """Run one process per prompt length (`argv_for(n)`) on the transport; their summaries."""
+    from tqdm import tqdm
+
+    results = []
+    for n in tqdm(prompt_lengths, desc="bench", unit="prompt", disable=not progress):
+        if memory_limit is not None:
+            transport.evict(evict)  # the limited run pays for its own reads
+        t0 = time.perf_counter()
+        p = transport.run(argv_for(n))
+        if p.returncode:
+            if p.returncode in (-9, 137) and memory_limit is not None:
+                raise BenchError(f"prompt {n}: killed, out of memory under --memory-limit "
+                                 f"{memory_limit}; the model's heap does not fit that limit")
+            last = [ln for ln in p.stderr.splitlines() if ln.strip()][-1:] or ["(no output)"]
+            raise BenchError(f"prompt {n}: {what} failed (exit {p.returncode}): "
+                             f"{last[0][:300]}")
+        raw = json.loads(p.stdout.strip().splitlines()[-1])
+        results.append(summarize(raw, wall_s=time.perf_counter() - t0))
+    return results
+
+
+def run_peer(ours: dict[str, Any], *, gguf: str | Path, progress: bool = False) -> dict[str, Any]:
+    """llama.cpp (llama-cpp-python) on the same weights as the benchmarked ExecuTorch artifact
+    — written as a GGUF from the artifact's source checkpoint with its recipe (MXFP4 experts and
+    int4 linears repacked losslessly) unless `gguf` exists — with the same prompts, token counts,
+    runs, threads and memory limit. Returns a result in the same schema (backend `llama.cpp`)."""
+    import os
+
+    from ossedge.benchmarks.limits import parse_size
+    from ossedge.benchmarks.peer import INSTALL_HINT, llama_cpp_available
+    from ossedge.benchmarks.transports import open_transport
+
+    if not llama_cpp_available():
+        raise BenchError(INSTALL_HINT)
+    if ours["backend"] != "executorch" or ours["device"]["transport"] != "local":
+        raise BenchError("--peer llama.cpp compares with a local ExecuTorch benchmark")
+    art = Path(ours["artifact"]["path"])
+    manifest = json.loads((art / "manifest.json").read_text())
+    gguf = Path(gguf)
+    export = None
+    if not gguf.is_file():
+        from ossedge.benchmarks.gguf_export import write_gguf
+
+        source = Path(manifest.get("source", ""))
+        if not source.exists():
+            raise BenchError(f"{art} was converted from {source}, which is gone; the llama.cpp "
+                             "peer writes its GGUF from that checkpoint (or give --peer-gguf)")
+        export = write_gguf(source, gguf, recipe=manifest["recipe"], progress=progress)
+    st = ours["settings"]
+    threads = st["threads"] or os.cpu_count() or 1
+    vocab = ours["artifact"]["vocab_size"]
+    limit = st["memory_limit"]
+    transport = open_transport("local", memory_limit=parse_size(limit) if limit else None)
+
+    def argv(n: int) -> list[str]:
+        ids = ",".join(map(str, prompt_ids(n, vocab, st["seed"])))
+        return [sys.executable, "-m", "ossedge.benchmarks.peer", "--model", str(gguf),
+                "--prompt-ids", ids, "--gen-tokens", str(st["gen_tokens"]), "--runs",
+                str(st["runs"]), "--warmup", str(st["warmup"]), "--threads", str(threads)]
+
+    results = measure(transport, argv, st["prompt_lengths"], evict=[gguf], memory_limit=limit,
+                      what="llama.cpp", progress=progress)
+    return {
+        **{k: ours[k] for k in ("schema", "command", "device", "versions")},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "backend": "llama.cpp",
+        "runner": "llama-cpp-python",
+        "artifact": {"path": str(gguf), "format": "gguf", "recipe": manifest["recipe"],
+                     "max_context": ours["artifact"]["max_context"], "vocab_size": vocab,
+                     "manifest_sha256": ours["artifact"]["manifest_sha256"],
+                     "weights_of": str(art), "export": export},
+        "settings": {**st, "threads": threads},
         "results": results,
     }
 

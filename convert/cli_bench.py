@@ -54,21 +54,41 @@ def _lengths(ctx, param, value: str) -> tuple[int, ...]:
               help="Run inside a memory cgroup of this size (e.g. 8G): an 8 GB device.")
 @click.option("--runner-bin", type=click.Path(path_type=Path), default=None,
               help="Another native runner binary (e.g. built for Android with the NDK).")
+@click.option("--peer", type=click.Choice(["llama.cpp"]), default=None,
+              help="Then run llama.cpp (llama-cpp-python, `pip install llama-cpp-python`) on the "
+              "same weights as a GGUF, same prompts and threads → OUTPUT's name + .llama-cpp.json.")
+@click.option("--peer-gguf", type=click.Path(path_type=Path), default=None,
+              help="The GGUF for --peer: reused when it exists, else written there "
+              "[default: beside OUTPUT, .gguf].")
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True)
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 def run(model, backend, runner, device, prompt_lengths, gen_tokens, runs, warmup, threads,
-        memory_limit, runner_bin, out, force) -> None:
+        memory_limit, runner_bin, peer, peer_gguf, out, force) -> None:
     """Measure MODEL: load time, time to first token, prefill and decode tok/s (median and
     spread over --runs), peak RSS (heap and file-backed), per prompt length → OUTPUT (JSON)."""
-    from ossedge.benchmarks.harness import run_bench
+    from ossedge.benchmarks.harness import BenchError, run_bench, run_peer
     from ossedge.runtime.errors import OutputExistsError
 
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} already exists; pass --force to replace it")
-    kw = dict(prompt_lengths=prompt_lengths, gen_tokens=gen_tokens, runs=runs, warmup=warmup,
-              threads=threads, memory_limit=memory_limit, progress=sys.stderr.isatty())
+    peer_out = out.with_name(out.stem + ".llama-cpp.json")
+    for path in [out] + ([peer_out] if peer else []):
+        if path.exists() and not force:
+            raise OutputExistsError(f"{path} already exists; pass --force to replace it")
+    if peer:
+        from ossedge.benchmarks.peer import INSTALL_HINT, llama_cpp_available
+
+        if not llama_cpp_available():
+            raise BenchError(INSTALL_HINT)
+    progress = sys.stderr.isatty()
     r = run_bench(model, backend=backend, runner=runner, device=device, runner_bin=runner_bin,
-                  **kw)
+                  prompt_lengths=prompt_lengths, gen_tokens=gen_tokens, runs=runs,
+                  warmup=warmup, threads=threads, memory_limit=memory_limit, progress=progress)
+    _write(out, r)
+    if peer:
+        _write(peer_out, run_peer(r, gguf=peer_gguf or out.with_suffix(".gguf"),
+                                  progress=progress))
+
+
+def _write(out: Path, r: dict) -> None:
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(r, indent=2) + "\n")
     tmp.replace(out)

@@ -23,13 +23,14 @@ def _gb(n: int) -> str:
 
 def format_plan(device, label: str, cfg, options, streaming: dict | None) -> str:
     d = device
+    context = options[0].footprint.context if options else "-"
     lines = [
         f"device   {d.display} [{d.name}]",
         f"budget   {d.app_budget_gb} GB ± {d.budget_uncertainty_gb} for one app, of {d.ram_gb} GB "
         f"RAM\n         ({d.budget_source})",
         f"memory   {d.bandwidth_gbs} GB/s ({d.bandwidth_source}); flash {d.storage_read_gbs} GB/s",
         f"model    {label}: {cfg.num_hidden_layers} layers, {cfg.num_local_experts} experts "
-        f"(top-{cfg.num_experts_per_tok}), context {options[0].footprint.context if options else '-'}",
+        f"(top-{cfg.num_experts_per_tok}), context {context}",
         "",
         f"{'target':<18}{'recipe':<13}{'heap GB':>8}{'mapped GB':>10}{'total GB':>9}  "
         f"{'fits':<10}{'max context':>12}{'streaming':>10}{'decode ≤':>12}",

@@ -66,7 +66,6 @@ class Device:
         return asdict(self)
 
 
-_FIELDS = {f for f in Device.__dataclass_fields__}
 _NUMBERS = ("ram_gb", "app_budget_gb", "budget_uncertainty_gb", "bandwidth_gbs", "storage_read_gbs")
 
 

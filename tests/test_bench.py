@@ -144,3 +144,17 @@ def test_report_renders_tables_and_plots(pybindings: dict, tmp_path: Path, tiny_
     bad.write_text('{"schema": "something else"}')
     p = run("bench", "report", str(bad), "-o", str(tmp_path / "r2"))
     assert_one_line_error(p, "bad.json: not an ossedge bench result")
+
+
+def test_llama_cpp_peer_on_the_same_weights(pybindings: dict, tmp_path: Path) -> None:
+    from ossedge.benchmarks.harness import run_peer
+    from ossedge.benchmarks.peer import llama_cpp_available
+
+    if not llama_cpp_available():
+        pytest.skip("llama-cpp-python not installed: pip install llama-cpp-python")
+    peer = run_peer(pybindings, gguf=tmp_path / "same.gguf")
+    validate(peer)
+    assert peer["backend"] == "llama.cpp" and peer["artifact"]["export"]["tensor_types"]["MXFP4"]
+    assert peer["settings"]["prompt_lengths"] == [16, 40]
+    ours, theirs = _tokens(pybindings), _tokens(peer)
+    assert [t[0] for t in theirs] == [t[0] for t in ours]  # same prompt, same weights

@@ -1,4 +1,4 @@
-"""Device profiles, the memory model (against exported programs and measured RSS) and the planner."""
+"""Device profiles, the memory model (against exported programs and measured RSS), the planner."""
 
 from __future__ import annotations
 
