@@ -20,10 +20,10 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from ossedge.benchmarks.quantize_20b import _run_measured
+from ossedge.targets.devices import measure_bandwidth
 
 GB = 1e9
 
@@ -56,19 +56,6 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
-
-
-def read_bandwidth(gb: float = 2.0, runs: int = 5) -> float:
-    """Bytes per second of summing a `gb` GB in-memory buffer (best of `runs`), with numpy."""
-    import numpy as np
-
-    a = np.ones(int(gb * GB) // 8, dtype=np.float64)
-    best = float("inf")
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        a.sum()
-        best = min(best, time.perf_counter() - t0)
-    return a.nbytes / best
 
 
 RUN = r"""
@@ -126,7 +113,7 @@ def main() -> None:
         raise SystemExit(f"the decode run failed:\n{run.stderr[-3000:]}")
     r = json.loads(run.stdout.strip().splitlines()[-1])
     per_token = decode_bytes(manifest)
-    bandwidth = read_bandwidth()
+    bandwidth = measure_bandwidth(gb=2.0, runs=5)
     roofline_s = per_token / bandwidth
     decode_tok_s = r["gen_tokens"] / r["decode_s"]
     result.update(

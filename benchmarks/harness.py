@@ -17,6 +17,7 @@ from typing import Any
 from ossedge.runtime.errors import OssedgeError
 
 SCHEMA = "ossedge-bench/1"
+DEFAULT_PROMPT_LENGTHS = (128, 512, 2048)
 BACKENDS = ("reference", "executorch", "coreml")
 RUNNERS = {"reference": ("python",), "executorch": ("pybindings", "native"),
            "coreml": ("coremltools",)}
@@ -119,7 +120,7 @@ def run_bench(
     backend: str = "executorch",
     runner: str | None = None,
     device: str = "local",
-    prompt_lengths: tuple[int, ...] = (128, 512, 2048),
+    prompt_lengths: tuple[int, ...] | None = None,
     gen_tokens: int = 32,
     runs: int = 3,
     warmup: int = 1,
@@ -149,9 +150,13 @@ def run_bench(
     if backend == "coreml" and platform.system() != "Darwin":
         raise BenchError("Core ML predictions need macOS; on Linux check the artifact with "
                          "`ossedge verify` (the MIL interpreter) instead")
-    if gen_tokens < 2 or runs < 1 or warmup < 0 or not prompt_lengths:
-        raise BenchError("need --gen-tokens ≥ 2, --runs ≥ 1, --warmup ≥ 0 and a prompt length")
+    if gen_tokens < 2 or runs < 1 or warmup < 0:
+        raise BenchError("need --gen-tokens ≥ 2, --runs ≥ 1 and --warmup ≥ 0")
     info = describe_model(model, backend)
+    if prompt_lengths is None:  # the defaults that fit this model's context
+        prompt_lengths = tuple(n for n in DEFAULT_PROMPT_LENGTHS
+                               if n + gen_tokens <= info["max_context"]) or (
+            max(1, info["max_context"] - gen_tokens),)
     too_long = [n for n in prompt_lengths if n + gen_tokens > info["max_context"]]
     if too_long:
         raise BenchError(f"prompt length {too_long[0]} + {gen_tokens} generated tokens exceed "

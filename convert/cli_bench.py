@@ -24,7 +24,9 @@ def bench() -> None:
     `ossedge bench report RESULTS*.json -o DIR`."""
 
 
-def _lengths(ctx, param, value: str) -> tuple[int, ...]:
+def _lengths(ctx, param, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
     try:
         out = tuple(int(x) for x in value.split(",") if x.strip())
     except ValueError:
@@ -43,7 +45,8 @@ def _lengths(ctx, param, value: str) -> tuple[int, ...]:
               "runner; the only one on adb).")
 @click.option("--device", default="local", show_default=True,
               help="local, adb (the one attached device) or adb:SERIAL.")
-@click.option("--prompt-lengths", default="128,512,2048", show_default=True, callback=_lengths)
+@click.option("--prompt-lengths", default=None, callback=_lengths,
+              help="Comma-separated [default: 128,512,2048, those that fit the context].")
 @click.option("--gen-tokens", type=click.IntRange(min=2), default=32, show_default=True)
 @click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True,
