@@ -21,22 +21,8 @@
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor.h>
 
-// The thread pool: the executorch wheel ships libexecutorch_threadpool.so but not its header, and
-// ../../targets/executorch/kernels/et_threadpool.h declares only what the kernels call, not the
-// resize. Where the header exists (an ExecuTorch source tree) it is used; otherwise the two
-// members used here are declared as that header declares them, which is what the library exports.
-#if __has_include(<executorch/extension/threadpool/threadpool.h>)
-#include <executorch/extension/threadpool/threadpool.h>
-#else
-namespace executorch::extension::threadpool {
-class ThreadPool final {
- public:
-  size_t get_thread_count() const;
-  bool _unsafe_reset_threadpool(uint32_t num_threads);
-};
-ThreadPool* get_threadpool();
-}  // namespace executorch::extension::threadpool
-#endif
+// The thread pool XNNPACK and the ossedge kernels share (declared there: the wheel lacks the header).
+#include "et_threadpool.h"
 
 namespace {
 
