@@ -71,18 +71,22 @@ def format_plan(device, label: str, cfg, options, streaming: dict | None) -> str
 @click.option("--context", type=click.IntRange(min=1), default=None,
               help="KV cache length in tokens [default: 4096].")
 @click.option("--model", type=click.Path(path_type=Path), default=None,
-              help="Checkpoint, artifact or config.json [default: gpt-oss-20b].")
+              help="Checkpoint, artifact (then its target, recipe and context) or config.json "
+              "[default: gpt-oss-20b].")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plan(device_name, target, recipe, context, model, as_json) -> None:
     """What fits DEVICE: every target and recipe it runs, with predicted memory, the largest
     context that fits, and the decode speed ceiling. Exit 4 when nothing fits."""
     from ossedge.runtime.errors import BudgetError
     from ossedge.targets.devices import get_device
-    from ossedge.targets.plan import measured_streaming, model_config
+    from ossedge.targets.plan import artifact_settings, measured_streaming, model_config
     from ossedge.targets.plan import plan as make_plan
 
     device = get_device(device_name)
     cfg, label = model_config(model)
+    built = artifact_settings(model)  # an artifact: as it was built, unless told otherwise
+    target, recipe = target or built.get("target"), recipe or built.get("recipe")
+    context = context or built.get("context")
     if context is not None and context > cfg.max_position_embeddings:
         raise click.BadParameter(f"{context} is more than the model's "
                                  f"{cfg.max_position_embeddings} positions", param_hint="--context")

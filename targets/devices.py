@@ -189,7 +189,7 @@ def local_device() -> Device:
         app_budget_gb=round(budget / GB, 2),
         budget_uncertainty_gb=0.0,
         budget_source="MemAvailable now" + (", capped by the memory cgroup" if limit else ""),
-        bandwidth_gbs=measure_bandwidth() / GB,
+        bandwidth_gbs=round(measure_bandwidth() / GB, 1),
         bandwidth_source="measured: summing a 0.5 GB buffer, best of 3",
         storage_read_gbs=1.0,
         cpu=CPU(

@@ -214,6 +214,18 @@ def measured_streaming() -> dict[str, Any] | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
+def artifact_settings(path: str | Path | None) -> dict[str, Any]:
+    """For an ossedge artifact: its target, recipe and context (what `plan` evaluates by
+    default); {} for anything else."""
+    from ossedge.runtime.artifacts import artifact_format
+
+    if path is None or not artifact_format(path):
+        return {}
+    m = json.loads((Path(path) / "manifest.json").read_text())
+    return {"target": artifact_format(path), "recipe": m.get("recipe"),
+            "context": m.get("max_context")}
+
+
 def model_config(path: str | Path | None) -> tuple[GptOssConfig, str]:
     """(config, label) of a checkpoint, quantized checkpoint, artifact or config.json; None: the
     released gpt-oss-20b."""

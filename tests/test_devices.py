@@ -195,3 +195,11 @@ def test_convert_for_a_device_that_cannot_hold_it_exits_4_and_writes_nothing(
     p = run("convert", str(tiny_ckpt), "-o", str(out), "--device", str(f))
     assert_one_line_error(p, "more than watch's app budget of 0.05 GB", "--force", code=4)
     assert not out.exists() and list(tmp_path.iterdir()) == [f]
+
+
+def test_plan_for_an_artifact_takes_its_target_recipe_and_context(et_artifact: Path) -> None:
+    p = run("plan", "--device", "pixel-9-pro", "--model", str(et_artifact), "--json")
+    assert p.returncode == 0, p.stderr
+    (o,) = json.loads(p.stdout)["options"]
+    assert (o["target"], o["recipe"], o["context"], o["fits"]) == (
+        "executorch", "mobile", CONTEXT, "resident")
