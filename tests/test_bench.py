@@ -103,7 +103,7 @@ def test_unreachable_device_and_missing_runner_are_one_line_errors(
     assert not Path(out).exists()
 
 
-def test_memory_limited_run(et_artifact: Path) -> None:
+def test_memory_limited_run(et_artifact: Path, tmp_path: Path) -> None:
     try:
         with memory_cgroup(1 << 30):
             pass
@@ -114,8 +114,9 @@ def test_memory_limited_run(et_artifact: Path) -> None:
     assert r["settings"]["memory_limit_bytes"] == 1 << 30
     assert r["device"]["memory_limit_bytes"] == 1 << 30
     p = run("bench", str(et_artifact), "--memory-limit", "100M", "--prompt-lengths", "16",
-            "-o", "/tmp/never.json")
+            "-o", str(tmp_path / "never.json"))
     assert_one_line_error(p, "out of memory under --memory-limit 100M")
+    assert not (tmp_path / "never.json").exists()
 
 
 def test_report_renders_tables_and_plots(pybindings: dict, tmp_path: Path, tiny_ckpt) -> None:

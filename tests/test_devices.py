@@ -116,19 +116,22 @@ print(json.dumps(proc_status()))
 """
 
 
-def test_predicted_peak_matches_measured_rss_within_10_percent(et_artifact: Path) -> None:
+def test_predicted_heap_within_10_percent_and_peak_of_measured_rss(et_artifact: Path) -> None:
     from ossedge.runtime.config import config_from_hf_dict
 
     m = json.loads((et_artifact / "manifest.json").read_text())
     cfg = config_from_hf_dict(m["config"])
     p = subprocess.run([sys.executable, "-c", RSS_RUN, str(et_artifact)], capture_output=True,
                        text=True, check=True)
-    measured = json.loads(p.stdout.strip().splitlines()[-1])["VmHWM"]
+    measured = json.loads(p.stdout.strip().splitlines()[-1])
     f = executorch_footprint(cfg, m["recipe"], CONTEXT, max_prefill=m["max_prefill"],
                              host="python")
-    assert abs(f.resident / measured - 1) < 0.10, (f.resident, measured)
-    # the model, not only the runtime constant, is visible: parts beyond the host are counted
-    assert f.resident - HOST_BYTES["python"] > 0
+    # the heap, what counts against an app's limit, within 10%
+    assert abs(f.anon / measured["RssAnon"] - 1) < 0.10, (f.anon, measured["RssAnon"])
+    # the peak: the runtime libraries' file-backed pages (0.09-0.15 GB here) follow what the page
+    # cache holds, a third of this tiny model's whole footprint, hence 20%
+    assert abs(f.resident / measured["VmHWM"] - 1) < 0.20, (f.resident, measured["VmHWM"])
+    assert f.anon - HOST_BYTES["python"][0] > 0  # the model's own parts are counted
 
 
 def test_20b_footprint_parts_have_the_known_sizes() -> None:
