@@ -30,6 +30,23 @@ def _check_2d(w: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} needs a 2-D float weight [out, in], got {w.dtype} {tuple(w.shape)}")
 
 
+# -- int8 activations per block of 32 ----------------------------------------------------------
+
+ACT_BLOCK = 32
+ACTIVATIONS = ("float", "int8-b32")  # how an expert kernel takes its inputs
+
+
+def round_activations_int8(v: torch.Tensor) -> torch.Tensor:
+    """v float32 [..., N] (N a multiple of 32) rounded to int8 per block of 32 and dequantized, with
+    the native MoE kernels' arithmetic: q = round(v · (127 / amax)) (half to even), value
+    q · (amax / 127). What `ossedge::moe_*` does to both expert inputs (activations "int8-b32")."""
+    b = v.reshape(*v.shape[:-1], -1, ACT_BLOCK)
+    amax = b.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(b * inv).clamp(-127, 127)
+    return (q * (amax / 127.0)).reshape(v.shape)
+
+
 # -- int8 per output channel ------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -60,8 +61,9 @@ def verify_into_manifest(root: Path, ckpt_path, manifest: dict, write, *, tokens
     manifest["verify"] = result
     write(root, manifest)
     if not result["passed"]:
-        why = (f"rel_err {result['rel_err']:.4g} > tolerance {result['tolerance']}"
-               if result["rel_err"] > result["tolerance"] else result["structure"]["problems"][0])
+        why = (f"rel_err_p90 {result['rel_err_p90']:.4g} > tolerance {result['tolerance']}"
+               if result["rel_err_p90"] > result["tolerance"]
+               else result["structure"]["problems"][0])
         raise ParityError(f"the converted artifact does not match the reference: {why}; "
                           "nothing written")
 
@@ -77,6 +79,15 @@ def default_tolerance(manifest: dict) -> float:
     return TOLERANCE_QUANTIZED if manifest["recipe"] != "native" else TOLERANCE_FLOAT
 
 
+def expert_activations(manifest: dict) -> str:
+    """How the artifact's expert kernels take their inputs: ExecuTorch's ossedge::moe_* round
+    them to int8 per block of 32 ("int8-b32"); Core ML keeps them in its compute precision."""
+    experts = manifest.get("experts")
+    if isinstance(experts, dict) and "activations" in experts:
+        return experts["activations"]
+    return "int8-b32" if manifest.get("format") == "ossedge-executorch" else "float"
+
+
 def verify_artifact(
     root: str | Path,
     reference: str | Path,
@@ -88,8 +99,9 @@ def verify_artifact(
     """Teacher-forced decode of `tokens` tokens of the packaged evaluation text through the
     artifact (a prefill chunk, then one token per call, past the sliding window and the ring's
     wrap), compared at every step with the reference runtime applying the same recipe
-    (max_abs_err, rel_err = max over steps of |Δlogits|₂/|logits|₂, top1_same; pass when rel_err ≤
-    tolerance) and with the unquantized reference (kl_mean, top1)."""
+    (max_abs_err, rel_err = max over steps of |Δlogits|₂/|logits|₂, rel_err_p90 its 90th
+    percentile, top1_same; pass when rel_err_p90 ≤ tolerance) and with the unquantized reference
+    (kl_mean, top1)."""
     import time
 
     from tqdm import tqdm
@@ -128,10 +140,11 @@ def verify_artifact(
                 "give the original checkpoint as --reference"
             )
         same_source = ckpt
-        same, plain = build_model(ckpt), None
+        same, plain = build_model(ckpt, expert_activations=expert_activations(manifest)), None
     else:
         same_source = QuantizedView(ckpt, recipe)
-        same, plain = build_model(same_source), build_model(ckpt)
+        same = build_model(same_source, expert_activations=expert_activations(manifest))
+        plain = build_model(ckpt)
     x = torch.tensor([ids], dtype=torch.long)
     ref_same = same(x)[0].float()
     del same
@@ -147,7 +160,11 @@ def verify_artifact(
     art = torch.stack([got[i] for i in steps])
     ref = ref_same[steps]
     diff = art - ref
-    rel = (diff.norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-12)).max().item()
+    rels = (diff.norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-12)).sort().values
+    rel = rels[-1].item()
+    # the pass mark: 90% of the steps within tolerance. A wrong export is off at every step;
+    # quantization noise (int8 activations) is far off only where a router flips an expert.
+    rel_p90 = rels[max(0, math.ceil(0.9 * len(rels)) - 1)].item()
     tol = tolerance if tolerance is not None else default_tolerance(manifest)
     targets = torch.tensor(ids[prefill:] + [ids[-1]])  # next tokens (last one a dummy)
     vs = ref_plain[steps] if ref_plain is not None else ref
@@ -158,12 +175,13 @@ def verify_artifact(
         "steps_compared": len(steps),
         "max_abs_err": diff.abs().max().item(),
         "rel_err": rel,
+        "rel_err_p90": rel_p90,
         "top1_same": (art.argmax(-1) == ref.argmax(-1)).double().mean().item(),
         "kl_mean": m["kl"].mean().item(),
         "top1": m["agree"].mean().item(),
         "unquantized_reference": ref_plain is not None,
         "tolerance": tol,
-        "passed": rel <= tol,
+        "passed": rel_p90 <= tol,
         "recipe": recipe,
         "target": manifest["format"].removeprefix("ossedge-"),
     }

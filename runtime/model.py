@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ossedge.quantize.intq import ACTIVATIONS, round_activations_int8
 from ossedge.quantize.qtensor import QTensor
 from ossedge.runtime.cache import KVCache
 from ossedge.runtime.checkpoint import open_checkpoint
@@ -134,10 +135,14 @@ class Experts(nn.Module):
     """Router plus experts. Expert weights are [E, N, K]: quantized ones (MXFP4 or int4 bytes)
     stay as stored and a selected expert is decoded when it is used; dense ones are views."""
 
-    def __init__(self, cfg: GptOssConfig, t: dict[str, Weight], *, dtype: torch.dtype) -> None:
+    def __init__(
+        self, cfg: GptOssConfig, t: dict[str, Weight], *, dtype: torch.dtype, activations="float"
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.dtype = dtype
+        # "int8-b32": both expert inputs rounded as the native MoE kernels do (quantize/intq.py)
+        self.round = round_activations_int8 if activations == "int8-b32" else (lambda v: v)
         _keep(self, t)
 
     def _weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,11 +164,11 @@ class Experts(nn.Module):
         for e in top_i.unique().tolist():
             rows, slot = torch.nonzero(top_i == e, as_tuple=True)
             w1, w2 = self._weights(e)
-            gate_up = F.linear(x[rows], w1, self.gate_up_b[e])  # [n, 2I], gate/up interleaved
+            gate_up = F.linear(self.round(x[rows]), w1, self.gate_up_b[e])  # [n, 2I] interleaved
             gate = gate_up[:, 0::2].clamp(max=limit)
             up = gate_up[:, 1::2].clamp(min=-limit, max=limit)
             h = (up + 1) * gate * torch.sigmoid(SWIGLU_ALPHA * gate)
-            y = F.linear(h, w2, self.down_b[e])  # [n, H]
+            y = F.linear(self.round(h), w2, self.down_b[e])  # [n, H]
             out.index_add_(0, rows, y * weights[rows, slot, None])
         return out.view(shape)
 
@@ -256,12 +261,17 @@ _MLP = {
 }
 
 
-def build_model(ckpt, *, dtype: torch.dtype = torch.float32) -> GptOssModel:
+def build_model(
+    ckpt, *, dtype: torch.dtype = torch.float32, expert_activations: str = "float"
+) -> GptOssModel:
     """Assemble the model from a validated checkpoint (plain or quantized), one weight at a time.
     Float tensors are cast to `dtype` (no copy when already in it); quantized weights, expert
-    bytes and the embedding stay mapped as stored."""
+    bytes and the embedding stay mapped as stored. `expert_activations="int8-b32"` rounds the
+    experts' inputs as an ExecuTorch artifact's kernels do (for parity checks against one)."""
     if dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute dtype must be one of {COMPUTE_DTYPES}, got {dtype}")
+    if expert_activations not in ACTIVATIONS:
+        raise ValueError(f"expert activations must be one of {ACTIVATIONS}, got {expert_activations}")
     cfg = ckpt.config
 
     def weight(name: str, *, cast: bool = True) -> Weight:
@@ -276,7 +286,8 @@ def build_model(ckpt, *, dtype: torch.dtype = torch.float32) -> GptOssModel:
         mlp = {k: weight(p + v, cast=k not in ("gate_up", "down")) for k, v in _MLP.items()}
         norm_names = ("input_layernorm.weight", "post_attention_layernorm.weight")
         norms = (weight(p + norm_names[0]), weight(p + norm_names[1]))
-        blocks.append(Block(attn, Experts(cfg, mlp, dtype=dtype), norms))
+        experts = Experts(cfg, mlp, dtype=dtype, activations=expert_activations)
+        blocks.append(Block(attn, experts, norms))
     return GptOssModel(
         cfg,
         blocks,

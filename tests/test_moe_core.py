@@ -1,9 +1,10 @@
 """The kernel core (`targets/executorch/kernels/moe_core.cpp`) without ExecuTorch, through the
-`moe_check` driver: built natively, and cross-compiled for arm64 (the NEON path) and run under
-qemu-user. A missing cross toolchain or qemu is a loud skip naming the packages to install."""
+`moe_check` driver: built natively, and cross-compiled for arm64 (the NEON paths, with and without
+the dot-product extension) and run under qemu-user. A missing cross toolchain or qemu is a loud skip naming the packages to install."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import subprocess
@@ -63,10 +64,11 @@ def _case(kind: str, ids: list[list[int]], seed: int) -> tuple[bytes, torch.Tens
     return header + body, want
 
 
-def _run(cmd: list[str], data: bytes, tmp_path: Path) -> tuple[str, torch.Tensor]:
+def _run(cmd: list[str], data: bytes, tmp_path: Path, isa: str = "") -> tuple[str, torch.Tensor]:
     src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
     src.write_bytes(data)
-    subprocess.run([*cmd, str(src), str(dst)], check=True)
+    env = {**os.environ, "OSSEDGE_KERNEL_ISA": isa}
+    subprocess.run([*cmd, str(src), str(dst)], check=True, env=env)
     isa, _, raw = dst.read_bytes().partition(b"\n")
     return isa.decode(), torch.from_numpy(np.frombuffer(raw, dtype=np.float32).copy())
 
@@ -87,9 +89,11 @@ def test_native_core(native: Path, kind: str, ids, tmp_path: Path) -> None:
     assert torch.allclose(got.view_as(want), want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("isa", ["neondot", "neon"])
 @pytest.mark.parametrize("kind, ids", CASES, ids=IDS)
-def test_arm64_neon_core_under_qemu(arm64: list[str], kind: str, ids, tmp_path: Path) -> None:
+def test_arm64_neon_core_under_qemu(arm64: list[str], isa: str, kind: str, ids, tmp_path) -> None:
     data, want = _case(kind, ids, seed=len(ids))
-    isa, got = _run(arm64, data, tmp_path)
-    assert isa == "neon"
+    # neondot is the default on qemu's CPU, which has the dot-product extension; neon is forced
+    used, got = _run(arm64, data, tmp_path, "" if isa == "neondot" else isa)
+    assert used == isa
     assert torch.allclose(got.view_as(want), want, atol=1e-4, rtol=1e-4)

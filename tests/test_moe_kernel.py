@@ -87,13 +87,15 @@ def _expected_isas() -> list[str]:
     if platform.machine() != "x86_64":
         return ["scalar"]
     flags = _cpu_flags()
-    isas = ["avx512"] if {"avx512f", "f16c"} <= flags else []
+    avx512 = {"avx512f", "f16c"} <= flags
+    isas = ["avx512vnni"] if avx512 and {"avx512bw", "avx512vl", "avx512_vnni"} <= flags else []
+    isas += ["avx512"] if avx512 else []
     isas += ["avx2"] if {"avx2", "fma", "f16c"} <= flags else []
     return [*isas, "scalar"]
 
 
 # The paths built for this architecture (arm64's NEON runs here only under qemu: test_moe_core).
-ARCH_ISAS = {"x86_64": ["avx512", "avx2", "scalar"], "aarch64": ["neon", "scalar"]}
+ARCH_ISAS = {"x86_64": ["avx512vnni", "avx512", "avx2", "scalar"], "aarch64": ["neon", "scalar"]}
 
 
 @pytest.fixture(params=ARCH_ISAS.get(platform.machine().replace("arm64", "aarch64"), ["scalar"]))

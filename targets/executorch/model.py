@@ -136,14 +136,12 @@ class Attention(nn.Module):
             self.k_cache.index_copy_(1, pos, k)
             self.v_cache.index_copy_(1, pos, v)
             keys, values = self.k_cache, self.v_cache
-        # the G query heads sharing a KV head are rows of one matrix product with that head's
-        # keys: [KV, G·T, D] @ [KV, D, S], no broadcast copy of the cache per query head
+        # the G query heads sharing a KV head are rows [KV, G·T, D] against that head's keys: no
+        # broadcast copy of the cache per query head
         q = q.view(t, kv, g, d).permute(1, 2, 0, 3).reshape(kv, g * t, d) * (1 / math.sqrt(d))
-        s = keys.shape[1]
-        scores = torch.bmm(q, keys.transpose(1, 2)) + mask  # [KV, G·T, S], rows (g, t)
-        sinks = self.sinks.view(kv, g, 1).expand(kv, g, t).reshape(kv, g * t, 1)
-        probs = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :s]
-        out = torch.bmm(probs, values).view(kv, g, t, d)  # [KV, G, T, D]
+        sinks = self.sinks.view(kv, g, 1).expand(kv, g, t).reshape(kv, g * t)
+        # ossedge::attend: only the slots the mask leaves open are read (ops.py)
+        out = torch.ops.ossedge.attend(q, keys, values, mask, sinks).view(kv, g, t, d)
         out = out.permute(2, 0, 1, 3).reshape(t, kv * g * d)
         return self.o_proj(out)
 

@@ -5,19 +5,31 @@
     ossedge::moe_int4(x, expert_ids, weights, gate_up_q, gate_up_scale, gate_up_bias,
                       down_q, down_scale, down_bias, limit, alpha) -> Tensor
 
+    ossedge::attend(q, k, v, mask, sinks) -> Tensor
+
 plus `.out` overloads (ExecuTorch runs out-variant kernels). x [T, H] float32; expert_ids
 [T, K] int64; weights [T, K] float32 (the softmax over the chosen K); expert weights stored as
 `ossedge.quantize.qtensor` describes, [E, N, K/32, 16] + [E, N, K/32] bytes for MXFP4 or
 [E, N, K/2] + fp16 [E, N, K/32] for int4; biases float32 [E, 2I] and [E, H]. The result is
 sum_k weights[t, k] · (W2[e] · swiglu(W1[e] · x[t] + b1[e]) + b2[e]) with gpt-oss's clamped,
-interleaved SwiGLU. The implementation here is the reference (tokens grouped per expert, only the
-selected experts decoded); the native kernel in `kernels/` must agree with it.
+interleaved SwiGLU, where both expert inputs — x and the SwiGLU output — are first rounded to int8
+per block of 32 (symmetric, scale max|v| / 127, round half to even: the "int8-b32" activations of
+`ossedge.quantize.intq.round_activations_int8`), as
+llama.cpp does for its Q8_0 dot products, so that the kernels can multiply int8 by int8 (AVX-512
+VNNI). The implementation here is the reference (tokens grouped per expert, only the selected
+experts decoded); the native kernel in `kernels/` must agree with it.
+
+`attend` is gpt-oss's attention over a KV cache: q [KV, R, D] (R = query heads per KV head ×
+tokens, already scaled by 1/√D), k and v [KV, S, D], an additive mask [R, S] shared by the KV
+heads, sinks [KV, R]; the result [KV, R, D] is softmax(cat(q·kᵀ + mask, sink))[..., :S] · v. The
+native kernel skips the slots the mask sets to -inf, so a long cache costs only what is filled.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ossedge.quantize.intq import round_activations_int8
 from ossedge.quantize.qtensor import QTensor
 
 _ARGS = {
@@ -49,17 +61,20 @@ def moe_reference(
     limit: float,
     alpha: float,
 ) -> torch.Tensor:
-    """The MoE in float32, each selected expert decoded once for all the tokens that chose it."""
+    """The MoE in float32 on int8-rounded inputs, each selected expert decoded once for all the
+    tokens that chose it."""
     gate_up, down = _expert_weight(kind, *w1), _expert_weight(kind, *w2)
     x = x.float()
     out = torch.zeros_like(x)
     for e in expert_ids.unique().tolist():
         rows, slot = torch.nonzero(expert_ids == e, as_tuple=True)
-        h = torch.nn.functional.linear(x[rows], gate_up[e].dequantize(), b1[e].float())
+        h = torch.nn.functional.linear(
+            round_activations_int8(x[rows]), gate_up[e].dequantize(), b1[e].float()
+        )
         gate = h[:, 0::2].clamp(max=limit)
         up = h[:, 1::2].clamp(min=-limit, max=limit)
         act = (up + 1) * gate * torch.sigmoid(alpha * gate)
-        y = torch.nn.functional.linear(act, down[e].dequantize(), b2[e].float())
+        y = torch.nn.functional.linear(round_activations_int8(act), down[e].dequantize(), b2[e].float())
         out.index_add_(0, rows, y * weights[rows, slot, None].float())
     return out
 
@@ -91,3 +106,27 @@ def _define(kind: str) -> None:
 
 for _kind in _FORMAT:
     _define(_kind)
+
+
+def attend_reference(q, k, v, mask, sinks) -> torch.Tensor:
+    """Attention with sinks over every slot (masked ones weigh zero)."""
+    s = k.shape[1]
+    scores = torch.bmm(q, k.transpose(1, 2)) + mask
+    probs = torch.softmax(torch.cat([scores, sinks[..., None]], dim=-1), dim=-1)[..., :s]
+    return torch.bmm(probs, v)
+
+
+_ATTEND = "Tensor q, Tensor k, Tensor v, Tensor mask, Tensor sinks"
+LIB.define(f"attend({_ATTEND}) -> Tensor")
+LIB.define(f"attend.out({_ATTEND}, *, Tensor(a!) out) -> Tensor(a!)")
+
+
+def _attend_out(q, k, v, mask, sinks, *, out):
+    out.copy_(attend_reference(q, k, v, mask, sinks))
+    return out
+
+
+LIB.impl("attend", attend_reference, "CompositeExplicitAutograd")
+LIB.impl("attend.out", _attend_out, "CompositeExplicitAutograd")
+LIB.impl("attend", lambda q, k, v, mask, sinks: torch.empty_like(q), "Meta")
+LIB.impl("attend.out", lambda q, k, v, mask, sinks, *, out: out, "Meta")

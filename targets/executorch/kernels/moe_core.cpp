@@ -22,12 +22,16 @@ namespace {
 using detail::kBlock;
 using detail::kMaxTokens;
 using detail::kRows;
+using detail::QuantTileFn;
 using detail::TileFn;
 
 struct Isa {
   const char* name;
   bool (*available)();
   TileFn tiles[kMaxTokens];  // tiles[m - 1] takes m tokens
+  // int8 activation paths: qtiles[m - 1] instead of tiles; `offset`: they take unsigned codes
+  QuantTileFn qtiles[kMaxTokens];
+  bool offset;
 };
 
 bool always() { return true; }
@@ -35,19 +39,36 @@ bool always() { return true; }
 // Best first: the default is the first one this CPU has.
 const Isa kIsas[] = {
 #if defined(__x86_64__)
+    {"avx512vnni", detail::has_avx512vnni,
+     {},
+     {detail::tile_vnni<1>, detail::tile_vnni<2>, detail::tile_vnni<3>, detail::tile_vnni<4>},
+     true},
     {"avx512", detail::has_avx512,
      {detail::tile_avx512<1>, detail::tile_avx512<2>, detail::tile_avx512<3>,
-      detail::tile_avx512<4>}},
+      detail::tile_avx512<4>},
+     {},
+     false},
     {"avx2", detail::has_avx2,
-     {detail::tile_avx2<1>, detail::tile_avx2<2>, detail::tile_avx2<3>, detail::tile_avx2<4>}},
+     {detail::tile_avx2<1>, detail::tile_avx2<2>, detail::tile_avx2<3>, detail::tile_avx2<4>},
+     {},
+     false},
 #endif
 #if defined(__aarch64__)
+    {"neondot", detail::has_dotprod,
+     {},
+     {detail::tile_neondot<1>, detail::tile_neondot<2>, detail::tile_neondot<3>,
+      detail::tile_neondot<4>},
+     false},
     {"neon", always,
-     {detail::tile_neon<1>, detail::tile_neon<2>, detail::tile_neon<3>, detail::tile_neon<4>}},
+     {detail::tile_neon<1>, detail::tile_neon<2>, detail::tile_neon<3>, detail::tile_neon<4>},
+     {},
+     false},
 #endif
     {"scalar", always,
      {detail::tile_scalar<1>, detail::tile_scalar<2>, detail::tile_scalar<3>,
-      detail::tile_scalar<4>}},
+      detail::tile_scalar<4>},
+     {},
+     false},
 };
 
 const Isa* find_isa(const char* name) {
@@ -82,30 +103,108 @@ const Isa& current_isa() {
 
 constexpr int64_t kChunkRows = 64;  // weight rows per parallel task
 
-// One call's state, shared by the tasks; each task writes only its own part of `act` or `out`.
+// Activation rows as every path reads them, quantized to int8 per block of 32 (symmetric, scale =
+// max |x| / 127, round to nearest even): `f` the dequantized values, split (see moe_tiles.h), for
+// the fp32 paths; the int8 form (QuantRow) for the integer ones. Both paths thus compute the
+// same products; the reference (quantize/intq.py, round_activations_int8) rounds the same way.
+class Acts {
+ public:
+  Acts(int64_t rows, int64_t width, const Isa& isa, WeightFormat format)
+      : width_(width), quads_((width / kBlock + detail::kQuadBlocks - 1) / detail::kQuadBlocks),
+        int8_(isa.qtiles[0] != nullptr), offset_(isa.offset ? detail::code_offset(format) : 0),
+        unit_(detail::code_unit(format)) {
+    if (int8_) {
+      q_.assign(rows * quads_ * detail::kQuadBytes, 0);
+      scale_.assign(rows * quads_ * detail::kQuadLanes, 0.0f);
+      corr_.assign(rows * quads_ * detail::kQuadLanes, 0);
+    } else {
+      f_.resize(rows * width);
+    }
+  }
+
+  // Quantizes row `row` from `src` (natural order).
+  void set(int64_t row, const float* src) {
+    for (int64_t b = 0; b < width_ / kBlock; ++b) {
+      const float* xb = src + b * kBlock;
+      float amax = 0.0f;
+      for (int i = 0; i < kBlock; ++i) amax = std::fmax(amax, std::fabs(xb[i]));
+      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f, scale = amax / 127.0f;
+      int8_t q[kBlock];
+      for (int i = 0; i < kBlock; ++i) {
+        const float r = std::nearbyint(xb[i] * inv);  // half to even, as torch.round
+        q[i] = static_cast<int8_t>(std::fmax(-127.0f, std::fmin(127.0f, r)));
+      }
+      if (!int8_) {
+        float* f = f_.data() + row * width_ + b * kBlock;
+        for (int i = 0; i < kBlock; ++i) f[detail::split_index(i)] = q[i] * scale;
+        continue;
+      }
+      const int64_t quad = b / detail::kQuadBlocks, in_quad = b % detail::kQuadBlocks;
+      int8_t* qrow = q_.data() + row * quads_ * detail::kQuadBytes;
+      float* srow = scale_.data() + (row * quads_ + quad) * detail::kQuadLanes;
+      int32_t* crow = corr_.data() + (row * quads_ + quad) * detail::kQuadLanes;
+      for (int i = 0; i < kBlock; ++i) {
+        qrow[detail::quad_index(b * kBlock + i)] = q[i];
+        crow[in_quad * 4 + (i / 2) / 4] -= offset_ * q[i];
+      }
+      for (int k = 0; k < 4; ++k) srow[in_quad * 4 + k] = scale * unit_;
+    }
+  }
+
+  const float* f(int64_t row) const { return f_.data() + row * width_; }
+  detail::QuantRow q(int64_t row) const {
+    return {q_.data() + row * quads_ * detail::kQuadBytes,
+            scale_.data() + row * quads_ * detail::kQuadLanes,
+            corr_.data() + row * quads_ * detail::kQuadLanes};
+  }
+
+ private:
+  int64_t width_, quads_;
+  bool int8_;
+  int offset_;
+  float unit_;
+  std::vector<float> f_;
+  std::vector<int8_t> q_;
+  std::vector<float> scale_;
+  std::vector<int32_t> corr_;
+};
+
+// One call's state, shared by the tasks; each task writes only its own part of `act`, `acts` or
+// `out`.
 struct Plan {
   const MoeArgs* a;
   const Isa* isa;
   std::vector<int64_t> order;    // (token, slot) pairs, grouped by expert in ascending order
   std::vector<int64_t> active;   // experts with at least one pair
   std::vector<int64_t> start;    // active[i]'s pairs are order[start[i] .. start[i + 1])
-  std::vector<float> xs;         // [T, H] the tokens, split (see moe_tiles.h)
-  std::vector<float> act;        // [P, I] SwiGLU output of order[p]'s pair, split
+  Acts xs;                       // [T, H] the tokens
+  std::vector<float> act;        // [P, I] SwiGLU output of order[p]'s pair, natural order
+  Acts acts;                     // the same, quantized
   float* out;
 };
 
 // emit(q, n, dots) for rows n, n + kRows of expert e over [n0, n1) and pairs q in [q0, q1):
-// dots[r] = row (n + r) . input(q). Tiles of kRows rows by up to kMaxTokens pairs.
-template <typename Input, typename Emit>
+// dots[r] = row (n + r) . acts row(q). Tiles of kRows rows by up to kMaxTokens pairs.
+template <typename Row, typename Emit>
 void expert_rows(const Isa& isa, const ExpertWeight& w, int64_t e, int64_t n0, int64_t n1,
-                 int64_t q0, int64_t q1, Input input, Emit emit) {
+                 int64_t q0, int64_t q1, const Acts& acts, Row row, Emit emit) {
   float dots[kMaxTokens * kRows];
   const float* inputs[kMaxTokens];
+  detail::QuantRow qrows[kMaxTokens];
+  const detail::QuantRow* qinputs[kMaxTokens];
   for (int64_t n = n0; n < n1; n += kRows) {
     for (int64_t q = q0; q < q1; q += kMaxTokens) {
       const int m = static_cast<int>(std::min<int64_t>(kMaxTokens, q1 - q));
-      for (int j = 0; j < m; ++j) inputs[j] = input(q + j);
-      isa.tiles[m - 1](w, e, n, inputs, dots);
+      if (isa.qtiles[0] != nullptr) {
+        for (int j = 0; j < m; ++j) {
+          qrows[j] = acts.q(row(q + j));
+          qinputs[j] = &qrows[j];
+        }
+        isa.qtiles[m - 1](w, e, n, qinputs, dots);
+      } else {
+        for (int j = 0; j < m; ++j) inputs[j] = acts.f(row(q + j));
+        isa.tiles[m - 1](w, e, n, inputs, dots);
+      }
       for (int j = 0; j < m; ++j) emit(q + j, n, dots + j * kRows);
     }
   }
@@ -114,27 +213,26 @@ void expert_rows(const Isa& isa, const ExpertWeight& w, int64_t e, int64_t n0, i
 // Task: a chunk of gate_up rows of one active expert, for all its tokens, through the SwiGLU.
 void gate_up_task(Plan& p, int64_t i, int64_t n0, int64_t n1) {
   const MoeArgs& a = *p.a;
-  const int64_t e = p.active[i], h = a.hidden, inter = a.intermediate;
+  const int64_t e = p.active[i], inter = a.intermediate;
   const float* bias = a.gate_up_bias + e * 2 * inter;
-  const auto input = [&](int64_t q) { return p.xs.data() + (p.order[q] / a.topk) * h; };
+  const auto row = [&](int64_t q) { return p.order[q] / a.topk; };
   const auto emit = [&](int64_t q, int64_t n, const float* dots) {
     float* act = p.act.data() + q * inter;
     for (int r = 0; r < kRows; r += 2) {
       const float gate = std::fmin(dots[r] + bias[n + r], a.limit);
       const float up = std::fmax(std::fmin(dots[r + 1] + bias[n + r + 1], a.limit), -a.limit);
-      act[detail::split_index((n + r) / 2)] =
-          (up + 1.0f) * gate / (1.0f + std::exp(-a.alpha * gate));
+      act[(n + r) / 2] = (up + 1.0f) * gate / (1.0f + std::exp(-a.alpha * gate));
     }
   };
-  expert_rows(*p.isa, a.gate_up, e, n0, n1, p.start[i], p.start[i + 1], input, emit);
+  expert_rows(*p.isa, a.gate_up, e, n0, n1, p.start[i], p.start[i + 1], p.xs, row, emit);
 }
 
 // Task: a chunk of output columns, summed over every active expert (so no two tasks write the
 // same output, and each output is summed in the same order whatever the threads).
 void down_task(const Plan& p, int64_t n0, int64_t n1) {
   const MoeArgs& a = *p.a;
-  const int64_t h = a.hidden, inter = a.intermediate;
-  const auto input = [&](int64_t q) { return p.act.data() + q * inter; };
+  const int64_t h = a.hidden;
+  const auto row = [](int64_t q) { return q; };
   for (size_t i = 0; i < p.active.size(); ++i) {
     const int64_t e = p.active[i];
     const float* bias = a.down_bias + e * h;
@@ -143,17 +241,8 @@ void down_task(const Plan& p, int64_t n0, int64_t n1) {
       float* out = p.out + (pair / a.topk) * h;
       for (int r = 0; r < kRows; ++r) out[n + r] += a.weights[pair] * (dots[r] + bias[n + r]);
     };
-    expert_rows(*p.isa, a.down, e, n0, n1, p.start[i], p.start[i + 1], input, emit);
+    expert_rows(*p.isa, a.down, e, n0, n1, p.start[i], p.start[i + 1], p.acts, row, emit);
   }
-}
-
-template <typename F>
-void parallel_for(ParallelFor parallel, int64_t n, F& f) {
-  if (parallel == nullptr || n < 2) {
-    for (int64_t i = 0; i < n; ++i) f(i);
-    return;
-  }
-  parallel(n, [](void* ctx, int64_t i) { (*static_cast<F*>(ctx))(i); }, &f);
 }
 
 int64_t chunks(int64_t rows) { return (rows + kChunkRows - 1) / kChunkRows; }
@@ -171,7 +260,10 @@ bool moe_set_isa(const char* name) {
 bool moe_forward(const MoeArgs& a, float* out) {
   const int64_t h = a.hidden, inter = a.intermediate, pairs = a.tokens * a.topk;
   if (h % kBlock != 0 || inter % kBlock != 0) return false;
-  Plan p{&a, &current_isa(), {}, {}, {}, {}, {}, out};
+  const Isa& isa = current_isa();
+  const WeightFormat format = a.gate_up.format;
+  Plan p{&a, &isa, {}, {}, {}, Acts(a.tokens, h, isa, format), {},
+         Acts(pairs, inter, isa, format), out};
   // Counting sort of the (token, slot) pairs by expert.
   std::vector<int64_t> count(a.experts + 1, 0);
   for (int64_t q = 0; q < pairs; ++q) {
@@ -187,10 +279,8 @@ bool moe_forward(const MoeArgs& a, float* out) {
   p.order.resize(pairs);
   for (int64_t q = 0; q < pairs; ++q) p.order[count[a.ids[q]]++] = q;
 
-  p.xs.resize(a.tokens * h);
-  for (int64_t t = 0; t < a.tokens; ++t) {
-    for (int64_t i = 0; i < h; ++i) p.xs[t * h + detail::split_index(i)] = a.x[t * h + i];
-  }
+  auto quantize_x = [&](int64_t t) { p.xs.set(t, a.x + t * h); };
+  parallel_for(a.parallel, a.tokens, quantize_x);
   p.act.resize(pairs * inter);
   std::memset(out, 0, sizeof(float) * a.tokens * h);
 
@@ -200,6 +290,8 @@ bool moe_forward(const MoeArgs& a, float* out) {
     gate_up_task(p, task / up_chunks, n0, std::min(n0 + kChunkRows, 2 * inter));
   };
   parallel_for(a.parallel, static_cast<int64_t>(p.active.size()) * up_chunks, up);
+  auto quantize_act = [&](int64_t q) { p.acts.set(q, p.act.data() + q * inter); };
+  parallel_for(a.parallel, pairs, quantize_act);
   auto down = [&](int64_t task) {
     const int64_t n0 = task * kChunkRows;
     down_task(p, n0, std::min(n0 + kChunkRows, h));

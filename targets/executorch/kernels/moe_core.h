@@ -28,6 +28,16 @@ struct ExpertWeight {
 // Runs task(ctx, i) for every i in [0, n), in any order, possibly on several threads at once.
 using ParallelFor = void (*)(int64_t n, void (*task)(void* ctx, int64_t i), void* ctx);
 
+// f(i) for every i in [0, n) through `parallel` (nullptr, or n < 2: in order on this thread).
+template <typename F>
+void parallel_for(ParallelFor parallel, int64_t n, F& f) {
+  if (parallel == nullptr || n < 2) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+    return;
+  }
+  parallel(n, [](void* ctx, int64_t i) { (*static_cast<F*>(ctx))(i); }, &f);
+}
+
 struct MoeArgs {
   const float* x;              // [T, H]
   const int64_t* ids;          // [T, topk]
@@ -46,8 +56,8 @@ struct MoeArgs {
   ParallelFor parallel;        // nullptr: one thread
 };
 
-// The instruction set the kernel uses: "avx512", "avx2", "neon" or "scalar". The best one this
-// CPU has, unless $OSSEDGE_KERNEL_ISA or moe_set_isa chose another.
+// The instruction set the kernel uses: "avx512vnni", "avx512", "avx2", "neon" or "scalar". The
+// best one this CPU has, unless $OSSEDGE_KERNEL_ISA or moe_set_isa chose another.
 const char* moe_isa();
 
 // Use the path `name` from now on; false (and no change) when this build or CPU lacks it.

@@ -6,10 +6,8 @@
 
 #include <initializer_list>
 
+#include "et_parallel.h"
 #include "moe_core.h"
-#if OSSEDGE_THREADPOOL
-#include "et_threadpool.h"
-#endif
 
 namespace {
 
@@ -18,22 +16,7 @@ using executorch::aten::Tensor;
 using executorch::runtime::Error;
 using executorch::runtime::KernelRuntimeContext;
 
-#if OSSEDGE_THREADPOOL
-// Spreads the kernel's row chunks over ExecuTorch's thread pool, the one its other CPU kernels
-// and XNNPACK use (size it from Python with portable_lib._unsafe_reset_threadpool).
-void threadpool_for(int64_t n, void (*task)(void* ctx, int64_t i), void* ctx) {
-  executorch::extension::threadpool::ThreadPool* pool =
-      executorch::extension::threadpool::get_threadpool();
-  if (pool == nullptr || pool->get_thread_count() < 2) {
-    for (int64_t i = 0; i < n; ++i) task(ctx, i);
-    return;
-  }
-  pool->run([&](size_t i) { task(ctx, static_cast<int64_t>(i)); }, static_cast<size_t>(n));
-}
-constexpr ossedge::ParallelFor kParallel = threadpool_for;
-#else
-constexpr ossedge::ParallelFor kParallel = nullptr;
-#endif
+using ossedge::kParallel;
 
 bool weight_ok(const Tensor& data, const Tensor& scales, const Tensor& bias,
                ossedge::WeightFormat format, ossedge::ExpertWeight* w) {

@@ -54,6 +54,44 @@ inline const int8_t* codes_int8(WeightFormat format) {
 using TileFn = void (*)(const ExpertWeight& w, int64_t e, int64_t n0, const float* const* x,
                         float* res);
 
+// The int8 form of one activation row, for the integer dot-product paths. Blocks are taken four
+// at a time ("quads", the last one zero-padded): a quad is 128 bytes, the 16 even elements of
+// each of its four blocks (64 bytes, block after block), then their 16 odd elements, so that one
+// 64-byte load lines up with the low nibbles of 64 weight bytes and the next with their high
+// nibbles. Per quad, 16 int32 lanes, a lane per 4 bytes (so lanes 4b..4b+3 belong to block b):
+// `scale`, the block's activation scale times the format's unit (1/2 for MXFP4's doubled table),
+// and `corr`, minus the code offset times the lane's activation sum, for paths that multiply
+// unsigned weight codes (code = value + offset) by signed activations.
+struct QuantRow {
+  const int8_t* q;       // [quads * 128]
+  const float* scale;    // [quads * 16]
+  const int32_t* corr;   // [quads * 16]
+};
+
+constexpr int kQuadBlocks = 4;
+constexpr int kQuadBytes = 2 * kQuadBlocks * 16;
+constexpr int kQuadLanes = 16;
+
+// Offset of element i (natural order) of a row in QuantRow::q.
+inline int64_t quad_index(int64_t i) {
+  const int64_t block = i / kBlock, p = i % kBlock;
+  return (block / kQuadBlocks) * kQuadBytes + (p & 1) * (kQuadBytes / 2) +
+         (block % kQuadBlocks) * 16 + p / 2;
+}
+
+// res as for TileFn, from the int8 rows.
+using QuantTileFn = void (*)(const ExpertWeight& w, int64_t e, int64_t n0,
+                             const QuantRow* const* x, float* res);
+
+// Unsigned codes for the paths that multiply u8 by s8: E2M1 doubled plus 12, and the int4 code
+// as stored (value plus 8).
+alignas(16) inline constexpr uint8_t kFp4TwicePlus12[16] = {12, 13, 14, 15, 16, 18, 20, 24,
+                                                            12, 11, 10, 9,  8,  6,  4,  0};
+inline int code_offset(WeightFormat format) { return format == WeightFormat::kMxfp4 ? 12 : 8; }
+inline float code_unit(WeightFormat format) {
+  return format == WeightFormat::kMxfp4 ? 0.5f : 1.0f;
+}
+
 // Index of the first block of row n of expert e (blocks and scales share it).
 inline int64_t first_block(const ExpertWeight& w, int64_t e, int64_t n) {
   return (e * w.rows + n) * (w.cols / kBlock);

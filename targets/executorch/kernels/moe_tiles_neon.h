@@ -1,10 +1,18 @@
-// Internal to moe_core.cpp: the arm64 NEON tile. Each 16 codes are looked up in the 16-entry
-// int8 table with one TBL, widened to fp32 and multiply-added in fp32; the block's scale is
-// applied once to its sum. The dot-product extension (SDOT) is not used: it multiplies int8 by
-// int8, and the activations stay fp32 so that the result matches the reference to fp32 rounding.
+// Internal to moe_core.cpp: the arm64 NEON tiles. Each 16 codes are looked up in the 16-entry
+// int8 table with one TBL. "neondot" (CPUs with the dot-product extension, checked at run time)
+// multiplies them by the activations' int8 form with SDOT; "neon" widens them to fp32 and
+// multiply-adds the dequantized activations. Either way a block's scale is applied once to its
+// sum.
 #pragma once
 
 #include <arm_neon.h>
+
+#if defined(__linux__)
+#include <sys/auxv.h>
+#endif
+#if defined(__APPLE__)
+#include <sys/sysctl.h>
+#endif
 
 #include "moe_tiles.h"
 
@@ -66,5 +74,71 @@ void tile_neon(const ExpertWeight& w, int64_t e, int64_t n0, const float* const*
     for (int j = 0; j < M; ++j) res[j * kRows + r] = vaddvq_f32(vaddq_f32(acc[0][j], acc[1][j]));
   }
 }
+
+#if defined(__clang__)
+#define OSSEDGE_DOTPROD __attribute__((target("dotprod")))
+#else
+#define OSSEDGE_DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))
+#endif
+
+inline bool has_dotprod() {
+#if defined(__linux__)
+  return (getauxval(AT_HWCAP) & (1ul << 20)) != 0;  // HWCAP_ASIMDDP
+#elif defined(__APPLE__)
+  int value = 0;
+  size_t size = sizeof value;
+  return sysctlbyname("hw.optional.arm.FEAT_DotProd", &value, &size, nullptr, 0) == 0 && value;
+#else
+  return false;
+#endif
+}
+
+// One block g of a row (quad g / 4) into the M tokens' accumulators a[0..M).
+template <int M>
+OSSEDGE_DOTPROD __attribute__((always_inline)) inline void block_dot(
+    const ExpertWeight& w, int8x16_t table, int64_t first, int64_t g, const QuantRow* const* x,
+    float32x4_t* a) {
+  const int64_t b = first + g;
+  float s;
+  if (w.format == WeightFormat::kMxfp4) {
+    s = e8m0_table()[static_cast<const uint8_t*>(w.scales)[b]];
+  } else {
+    __fp16 h;
+    std::memcpy(&h, static_cast<const uint16_t*>(w.scales) + b, sizeof h);
+    s = static_cast<float>(h);
+  }
+  const uint8x16_t bytes = vld1q_u8(w.data + b * kBlockBytes);
+  const int8x16_t lo = vqtbl1q_s8(table, vandq_u8(bytes, vdupq_n_u8(0xf)));
+  const int8x16_t hi = vqtbl1q_s8(table, vshrq_n_u8(bytes, 4));
+  const int64_t quad = g / kQuadBlocks, in_quad = g % kQuadBlocks;
+  for (int j = 0; j < M; ++j) {
+    const int8_t* q = x[j]->q + quad * kQuadBytes + in_quad * 16;
+    const int32x4_t d = vdotq_s32(vdotq_s32(vdupq_n_s32(0), lo, vld1q_s8(q)), hi,
+                                  vld1q_s8(q + kQuadBytes / 2));
+    const float xs = x[j]->scale[quad * kQuadLanes + in_quad * 4];  // with the format's unit
+    a[j] = vfmaq_n_f32(a[j], vcvtq_f32_s32(d), s * xs);
+  }
+}
+
+template <int M>
+OSSEDGE_DOTPROD void tile_neondot(const ExpertWeight& w, int64_t e, int64_t n0,
+                                  const QuantRow* const* x, float* res) {
+  const int8x16_t table = vld1q_s8(codes_int8(w.format));  // signed codes: no offset
+  const int64_t groups = w.cols / kBlock;
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t first = first_block(w, e, n0 + r);
+    float32x4_t even[M], odd[M];
+    for (int j = 0; j < M; ++j) even[j] = odd[j] = vdupq_n_f32(0.0f);
+    int64_t g = 0;
+    for (; g + 1 < groups; g += 2) {
+      block_dot<M>(w, table, first, g, x, even);
+      block_dot<M>(w, table, first, g + 1, x, odd);
+    }
+    if (g < groups) block_dot<M>(w, table, first, g, x, even);
+    for (int j = 0; j < M; ++j) res[j * kRows + r] = vaddvq_f32(vaddq_f32(even[j], odd[j]));
+  }
+}
+
+#undef OSSEDGE_DOTPROD
 
 }  // namespace ossedge::detail

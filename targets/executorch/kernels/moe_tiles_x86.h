@@ -4,6 +4,9 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cstring>
+
 #include "moe_tiles.h"
 
 // GCC 12 flags the deliberately undefined operands inside its own AVX-512 intrinsics once they
@@ -18,6 +21,11 @@ namespace ossedge::detail {
 
 inline bool has_avx512() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c");
+}
+
+inline bool has_avx512vnni() {
+  return has_avx512() && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
 
 inline bool has_avx2() {
@@ -120,6 +128,109 @@ __attribute__((target("avx512f,f16c"))) void tile_avx512(
     }
   }
 }
+
+// AVX-512 VNNI: int8 dot products on the activations' int8 form (QuantRow), four blocks (64
+// weight bytes) per step. The low and high nibbles are the unsigned codes (int4 as stored,
+// MXFP4 through a vpshufb table of doubled values plus 12); vpdpbusd multiplies them by the
+// signed activations, four products per int32 lane, into an accumulator that starts at the
+// row's offset correction, so each lane ends as the exact integer dot product of its part of a
+// block. The lanes are then scaled (weight scale times activation scale) into fp32.
+#define OSSEDGE_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c")))
+
+// The four blocks' weight scales, each in its four lanes (of 128-bit lane k: block k's).
+OSSEDGE_VNNI inline __m512 quad_scales(const ExpertWeight& w, int64_t block, int blocks) {
+  const __mmask16 m = static_cast<__mmask16>((1u << blocks) - 1);
+  if (w.format == WeightFormat::kMxfp4) {
+    // the 4 E8M0 bytes in every dword, byte k zero-extended into 128-bit lane k's dwords, moved
+    // to the float exponent: 2^(e - 127). (e = 0, 2^-127, becomes 0: no gpt-oss block has it,
+    // and its weights would be below 1e-37.)
+    const uint8_t* p = static_cast<const uint8_t*>(w.scales) + block;
+    __m512i e;
+    if (blocks == kQuadBlocks) {
+      int32_t four;
+      std::memcpy(&four, p, sizeof four);
+      e = _mm512_set1_epi32(four);
+    } else {
+      e = _mm512_broadcastd_epi32(_mm_maskz_loadu_epi8(m, p));
+    }
+    const auto pick = [](uint32_t k) { return static_cast<int>(0x80808000u | k); };
+    const __m512i spread =  // dwords k, 0x80, 0x80, 0x80 (bytes) in 128-bit lane k
+        _mm512_set_epi32(pick(3), pick(3), pick(3), pick(3), pick(2), pick(2), pick(2), pick(2),
+                         pick(1), pick(1), pick(1), pick(1), pick(0), pick(0), pick(0), pick(0));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_shuffle_epi8(e, spread), 23));
+  }
+  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  const __m128i h = _mm_maskz_loadu_epi16(m, static_cast<const uint16_t*>(w.scales) + block);
+  return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(h)));
+}
+
+// One quad (up to four blocks) of a row into the M tokens' accumulators a[0..M).
+template <int M, bool kFp4>
+OSSEDGE_VNNI __attribute__((always_inline)) inline void quad_vnni(
+    const ExpertWeight& w, int64_t block, int blocks, int64_t quad, const QuantRow* const* x,
+    __m512* a) {
+  const __m512i low = _mm512_set1_epi8(0x0f);
+  const uint8_t* bytes = w.data + block * kBlockBytes;
+  const __m512i b = blocks == kQuadBlocks
+      ? _mm512_loadu_si512(bytes)
+      : _mm512_maskz_loadu_epi8((1ull << (16 * blocks)) - 1, bytes);
+  __m512i lo = _mm512_and_si512(b, low);
+  __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+  if constexpr (kFp4) {
+    const __m512i table = _mm512_broadcast_i32x4(
+        _mm_load_si128(reinterpret_cast<const __m128i*>(kFp4TwicePlus12)));
+    lo = _mm512_shuffle_epi8(table, lo);
+    hi = _mm512_shuffle_epi8(table, hi);
+  }
+  const __m512 ws = quad_scales(w, block, blocks);
+  for (int j = 0; j < M; ++j) {
+    const QuantRow& xj = *x[j];
+    const int8_t* q = xj.q + quad * kQuadBytes;
+    __m512i dot = _mm512_loadu_si512(xj.corr + quad * kQuadLanes);
+    dot = _mm512_dpbusd_epi32(dot, lo, _mm512_loadu_si512(q));
+    dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(q + kQuadBytes / 2));
+    const __m512 s = _mm512_mul_ps(ws, _mm512_loadu_ps(xj.scale + quad * kQuadLanes));
+    a[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, a[j]);
+  }
+}
+
+template <int M, bool kFp4>
+OSSEDGE_VNNI void tile_vnni_format(const ExpertWeight& w, int64_t e, int64_t n0,
+                                   const QuantRow* const* x, float* res) {
+  const int64_t groups = w.cols / kBlock;
+  const int64_t full = groups / kQuadBlocks;  // quads of four blocks
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t first = first_block(w, e, n0 + r);
+    // two accumulators per token, taking alternate quads, keep the FMA chains short
+    __m512 even[M], odd[M];
+    for (int j = 0; j < M; ++j) even[j] = odd[j] = _mm512_setzero_ps();
+    int64_t quad = 0;
+    for (; quad + 1 < full; quad += 2) {
+      quad_vnni<M, kFp4>(w, first + quad * kQuadBlocks, kQuadBlocks, quad, x, even);
+      quad_vnni<M, kFp4>(w, first + (quad + 1) * kQuadBlocks, kQuadBlocks, quad + 1, x, odd);
+    }
+    if (quad < full) {
+      quad_vnni<M, kFp4>(w, first + quad * kQuadBlocks, kQuadBlocks, quad, x, even);
+      ++quad;
+    }
+    if (const int rest = static_cast<int>(groups - full * kQuadBlocks)) {
+      quad_vnni<M, kFp4>(w, first + quad * kQuadBlocks, rest, quad, x, odd);
+    }
+    for (int j = 0; j < M; ++j) res[j * kRows + r] = hsum512(_mm512_add_ps(even[j], odd[j]));
+  }
+}
+
+template <int M>
+void tile_vnni(const ExpertWeight& w, int64_t e, int64_t n0, const QuantRow* const* x,
+               float* res) {
+  if (w.format == WeightFormat::kMxfp4) {
+    tile_vnni_format<M, true>(w, e, n0, x, res);
+  } else {
+    tile_vnni_format<M, false>(w, e, n0, x, res);
+  }
+}
+
+#undef OSSEDGE_VNNI
 
 // AVX2: the 16 codes of each nibble half are looked up with one vpshufb in the int8 table
 // (codes_int8) and widened to fp32 (fewer instructions than two 8-lane float permutes and a blend
