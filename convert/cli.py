@@ -326,10 +326,11 @@ def eval_(model, reference, text, window, max_tokens, dtype, as_json) -> None:
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True)
 @click.option(
-    "--target", type=click.Choice(["executorch", "coreml"]), default="executorch",
+    "--target", type=click.Choice(["executorch", "coreml", "onnx"]), default="executorch",
     show_default=True,
     help="executorch: model.pte + model.ptd for ExecuTorch (Android, iOS, desktop CPUs); "
-    "coreml: .mlpackage functions for Core ML (iPhone, iPad, Mac).",
+    "coreml: .mlpackage functions for Core ML (iPhone, iPad, Mac); onnx: model.onnx + "
+    "external data for ONNX Runtime (and onnxruntime-genai).",
 )
 @click.option(
     "--recipe", type=click.Choice(list(RECIPES)), default=None,
@@ -374,8 +375,13 @@ def convert(ckpt, out, target, recipe, deployment_target, chunk_mb, max_context,
 
     coreml: chunk_NN.mlpackage (multifunction: attn_L with KV-cache states, expert_L_E, head) +
     embedding.safetensors + tokenizer.json + manifest.json (functions, call order). Verified
-    here with ossedge's MIL interpreter; runs with Core ML on Apple devices."""
+    here with ossedge's MIL interpreter; runs with Core ML on Apple devices.
+
+    onnx: model.onnx (GroupQueryAttention, QMoE, MatMulNBits) + model.onnx.data (all weights) +
+    genai_config.json (onnxruntime-genai) + tokenizer.json + manifest.json."""
     option = None
+    if device_name is not None and target == "onnx":
+        raise click.UsageError("--device plans the executorch and coreml targets; drop it for onnx")
     if device_name is not None:
         option = _device_choice(ckpt, device_name, target, recipe, max_context, max_prefill, force)
         recipe, max_context = option.recipe, option.footprint.context
@@ -392,6 +398,14 @@ def convert(ckpt, out, target, recipe, deployment_target, chunk_mb, max_context,
             verify_tokens=verify_tokens,
         )
         where = f"coreml {m['deployment_target']}, {len(m['packages'])} packages"
+    elif target == "onnx":
+        from ossedge.targets.onnx.export import convert as run_onnx
+
+        if max_prefill is not None:
+            raise click.UsageError("--max-prefill applies to --target executorch only")
+        m = run_onnx(ckpt, out, recipe=recipe, max_context=max_context, force=force,
+                     progress=_progress(), verify_tokens=verify_tokens)
+        where = f"onnx, {m['experts']['bits']}-bit QMoE experts"
     else:
         from ossedge.targets.executorch.export import convert as run
 

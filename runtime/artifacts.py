@@ -12,7 +12,7 @@ from ossedge.runtime.errors import ArtifactError
 
 
 def artifact_format(path: str | Path) -> str | None:
-    """"executorch" or "coreml" for an ossedge artifact directory, else None."""
+    """"executorch", "coreml" or "onnx" for an ossedge artifact directory, else None."""
     p = Path(path) / "manifest.json"
     if not p.is_file():
         return None
@@ -20,12 +20,18 @@ def artifact_format(path: str | Path) -> str | None:
         fmt = json.loads(p.read_text()).get("format", "")
     except (OSError, ValueError, AttributeError):
         return None
-    return {"ossedge-executorch": "executorch", "ossedge-coreml": "coreml"}.get(fmt)
+    return {"ossedge-executorch": "executorch", "ossedge-coreml": "coreml",
+            "ossedge-onnx": "onnx"}.get(fmt)
 
 
 def open_artifact(root: str | Path, *, checksums: bool = False, engine: str = "auto"):
-    """The artifact's model (ExecuTorchModel or CoreMLModel; `engine` applies to Core ML)."""
+    """The artifact's model (ExecuTorchModel, CoreMLModel or OnnxModel; `engine` applies to Core
+    ML)."""
     kind = artifact_format(root)
+    if kind == "onnx":
+        from ossedge.runtime.onnx import OnnxModel
+
+        return OnnxModel(root, checksums=checksums)
     if kind == "coreml":
         from ossedge.runtime.coreml import CoreMLModel
 
@@ -70,7 +76,7 @@ def verify_into_manifest(root: Path, ckpt_path, manifest: dict, write, *, tokens
 
 def default_tolerance(manifest: dict) -> float:
     """rel_err allowed against the reference with the same recipe: fp32 float linears are exact to
-    rounding; XNNPACK's int8 activations and Core ML's fp16 compute are not."""
+    rounding; XNNPACK's and MatMulNBits' int8 activations and Core ML's fp16 compute are not."""
     from ossedge.runtime.coreml import TOLERANCE_FP16
     from ossedge.runtime.executorch import TOLERANCE_FLOAT, TOLERANCE_QUANTIZED
 

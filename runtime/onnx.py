@@ -1,0 +1,158 @@
+"""Running ONNX artifacts (`ossedge convert --target onnx`) with ONNX Runtime's CPU execution
+provider, behind the reference runtime's generation contract: `cache = model.new_cache()`,
+`model(ids [1, T], cache=cache)` → logits [1, 1, V] of the last token.
+
+The KV cache is one preallocated buffer per layer, [1, KV, context, D], bound through IO binding
+as both the past input and the present output of every call: GroupQueryAttention then writes the
+new keys in place (its shared-buffer mode) and nothing is copied between steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ossedge.runtime.errors import ArtifactError
+
+ARTIFACT_FORMAT = "ossedge-onnx"
+SUPPORTED_CONTRACT = 1
+FILES = ("model.onnx", "model.onnx.data", "tokenizer.json", "genai_config.json")
+# rel_err tolerance against the reference with the same recipe: MatMulNBits at accuracy level 4
+# quantizes activations to int8 per block, like XNNPACK's linears (runtime/executorch.py)
+TOLERANCE_QUANTIZED = 8e-2
+TOLERANCE_FLOAT = 1e-3
+PREFILL_CHUNK = 128  # tokens per call when feeding a long prompt (bounds the logits' memory)
+
+
+def read_manifest(root: Path, *, checksums: bool = False) -> dict:
+    from ossedge.runtime.quantized import sha256_file
+
+    file = root / "manifest.json"
+    try:
+        manifest = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{root}: no manifest.json; not an ossedge ONNX artifact") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{file}: unreadable ({e}); convert the model again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{file}: not an ossedge ONNX artifact manifest")
+    if manifest.get("contract_version") != SUPPORTED_CONTRACT:
+        raise ArtifactError(
+            f"{root}: artifact contract version {manifest.get('contract_version')}, this ossedge "
+            f"reads {SUPPORTED_CONTRACT}; convert the model again with this version"
+        )
+    files = manifest.get("files", {})
+    for name in FILES:
+        path = root / name
+        want = files.get(name, {})
+        if not path.is_file():
+            raise ArtifactError(f"{path}: missing; the artifact is incomplete, convert again")
+        if path.stat().st_size != want.get("bytes"):
+            raise ArtifactError(
+                f"{path}: {path.stat().st_size} bytes, the manifest records {want.get('bytes')}; "
+                "the file is truncated or from another conversion"
+            )
+        if checksums and sha256_file(path) != want.get("sha256"):
+            raise ArtifactError(
+                f"{path}: sha256 differs from the manifest; the file is corrupt or from another "
+                "conversion"
+            )
+    return manifest
+
+
+@dataclass
+class _Config:
+    max_position_embeddings: int
+    vocab_size: int
+
+
+class OnnxCache:
+    """Per-layer KV buffers (ONNX Runtime values) and the position reached."""
+
+    def __init__(self, values: list, limit: int) -> None:
+        self.values = values  # [(key, value)] per layer, OrtValue [1, KV, limit, D]
+        self.position = 0
+        self.limit = limit
+
+
+class OnnxModel:
+    """An ONNX artifact in an ONNX Runtime CPU session. `threads`: intra-op threads (default: all
+    cores)."""
+
+    def __init__(self, root: str | Path, *, checksums: bool = False, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.root = Path(root)
+        self.manifest = m = read_manifest(self.root, checksums=checksums)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or os.cpu_count() or 1
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        for k, v in m.get("session_options", {}).items():
+            opts.add_session_config_entry(k, v)
+        try:
+            self.session = ort.InferenceSession(
+                str(self.root / "model.onnx"), opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as e:  # onnxruntime raises its own exception types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ArtifactError(
+                f"{self.root}: ONNX Runtime cannot load model.onnx ({first}); the files are "
+                "corrupt or do not belong together — convert again"
+            ) from None
+        cfg = m["config"]
+        self.layers = int(cfg["num_hidden_layers"])
+        self.kv_heads, self.head_dim = int(cfg["num_key_value_heads"]), int(cfg["head_dim"])
+        self.max_context = int(m["max_context"])
+        self.max_prefill = PREFILL_CHUNK
+        self.config = _Config(self.max_context, int(cfg["vocab_size"]))
+
+    def new_cache(self, *, batch_size: int = 1, max_context: int | None = None) -> OnnxCache:
+        import onnxruntime as ort
+
+        if batch_size != 1:
+            raise ValueError("an ONNX artifact runs one sequence (batch size 1)")
+        limit = min(max_context or self.max_context, self.max_context)
+        shape = (1, self.kv_heads, limit, self.head_dim)
+        values = [tuple(ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
+                        for _ in range(2)) for _ in range(self.layers)]
+        return OnnxCache(values, limit)
+
+    def forward_chunk(self, ids: np.ndarray, cache: OnnxCache) -> np.ndarray:
+        """One session run: ids [1, T] at the cache's position → logits [T, V]."""
+        t = ids.shape[1]
+        b = self.session.io_binding()
+        b.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        b.bind_cpu_input("attention_mask", np.ones((1, cache.position + t), np.int64))
+        b.bind_output("logits")  # first: copy_outputs_to_cpu() follows the binding order
+        for n, (k, v) in enumerate(cache.values):
+            b.bind_ortvalue_input(f"past_key_values.{n}.key", k)
+            b.bind_ortvalue_input(f"past_key_values.{n}.value", v)
+            b.bind_ortvalue_output(f"present.{n}.key", k)
+            b.bind_ortvalue_output(f"present.{n}.value", v)
+        try:
+            self.session.run_with_iobinding(b)
+        except Exception as e:
+            raise ArtifactError(f"{self.root}: forward failed ({str(e).splitlines()[0]})") from None
+        return b.copy_outputs_to_cpu()[0][0]
+
+    def __call__(
+        self, input_ids: torch.Tensor, *, cache: OnnxCache | None = None, last_only: bool = True
+    ) -> torch.Tensor:
+        from ossedge.runtime.artifacts import check_call
+
+        t = check_call(input_ids, cache, "an ONNX")
+        ids = input_ids.to(torch.long).numpy()
+        chunks = []
+        for a in range(0, t, self.max_prefill):
+            part = ids[:, a : a + self.max_prefill]
+            logits = self.forward_chunk(part, cache)
+            cache.position += part.shape[1]
+            chunks.append(logits[-1:] if last_only else logits)
+        out = torch.from_numpy(np.concatenate(chunks[-1:] if last_only else chunks))
+        return out[None]
