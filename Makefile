@@ -58,6 +58,8 @@ demo: install
 	$(BIN)/ossedge generate $(DEMO_DIR)/tiny-executorch --prompt "class Stack:" --max-new-tokens 64 --temperature 0
 	$(BIN)/ossedge convert $(MODEL) --target coreml -o $(DEMO_DIR)/tiny-coreml --max-context 1024 --force
 	$(BIN)/ossedge verify $(DEMO_DIR)/tiny-coreml --reference $(MODEL)
+	$(BIN)/ossedge convert $(MODEL) --target onnx -o $(DEMO_DIR)/tiny-onnx --max-context 1024 --force
+	$(BIN)/ossedge generate $(DEMO_DIR)/tiny-onnx --prompt "class Stack:" --max-new-tokens 64 --temperature 0
 	$(BIN)/ossedge plan --device iphone-16-pro
 	$(BIN)/ossedge bundle $(DEMO_DIR)/tiny-executorch --platform android --device pixel-9-pro -o $(DEMO_DIR)/tiny-android --force
 	$(BIN)/ossedge verify $(DEMO_DIR)/tiny-android

@@ -1,6 +1,6 @@
 """One benchmark process for the Python runners, with the native runner's JSON contract:
 
-    python -m ossedge.benchmarks.bench_child --backend reference|executorch|coreml --model DIR
+    python -m ossedge.benchmarks.bench_child --backend reference|executorch|coreml|onnx --model DIR
         [--prompt-length N] [--gen-tokens N] [--runs R] [--warmup W] [--threads T] [--seed S]
 
 Loads the model once (timed), then per run prefills the same seeded random prompt and decodes
@@ -18,7 +18,7 @@ import sys
 import time
 
 
-def load(backend: str, model: str):
+def load(backend: str, model: str, threads: int | None = None):
     """(model, vocab size) with the reference runtime's generation contract."""
     if backend == "reference":
         import torch
@@ -26,6 +26,11 @@ def load(backend: str, model: str):
         from ossedge.runtime import load_model
 
         m = load_model(model, dtype=torch.float32)
+        return m, m.config.vocab_size
+    if backend == "onnx":
+        from ossedge.runtime.onnx import OnnxModel
+
+        m = OnnxModel(model, threads=threads)
         return m, m.config.vocab_size
     from ossedge.runtime.artifacts import open_artifact
 
@@ -61,7 +66,7 @@ def one_run(model, ids, gen: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backend", required=True, choices=["reference", "executorch", "coreml"])
+    p.add_argument("--backend", required=True, choices=["reference", "executorch", "coreml", "onnx"])
     p.add_argument("--model", required=True)
     p.add_argument("--prompt-length", type=int, default=128)
     p.add_argument("--gen-tokens", type=int, default=32)
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
 
             portable_lib._unsafe_reset_threadpool(a.threads)
     t0 = time.perf_counter()
-    model, vocab = load(a.backend, a.model)
+    model, vocab = load(a.backend, a.model, a.threads)
     load_s = time.perf_counter() - t0
     if a.prompt_ids:
         ids = torch.tensor([[int(x) for x in a.prompt_ids.split(",")]])

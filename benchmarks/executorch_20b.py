@@ -1,7 +1,7 @@
 """Full-size benchmark of the ExecuTorch target on the synthetic gpt-oss-20b.
 
     python -m ossedge.benchmarks.executorch_20b [--ckpt out/gpt-oss-20b-synth] [--out out/20b-et]
-        [--prompt 1024] [--gen 64] [--threads N] [--skip-convert]
+        [--prompt 1024] [--gen 64] [--skip-convert]
 
 1. `ossedge convert CKPT --target executorch` in a child process: wall time and peak RSS (goals:
    ≤ 15 min, ≤ 8 GB), artifact bytes.
@@ -30,6 +30,14 @@ GB = 1e9
 
 def decode_bytes(manifest: dict) -> int:
     """Bytes of weights one decoded token reads, from the artifact's config and recipe."""
+    if manifest["format"] == "ossedge-onnx":
+        from ossedge.runtime.config import config_from_hf_dict
+        from ossedge.targets.memory import onnx_weights
+
+        cfg = config_from_hf_dict(manifest["config"])
+        w = onnx_weights(cfg, manifest["recipe"])
+        experts = w["experts"] * cfg.num_experts_per_tok // cfg.num_local_experts
+        return experts + w["linears"] + w["small"] + w["embedding"] // cfg.vocab_size
     from ossedge.quantize.qtensor import stored_bytes
     from ossedge.quantize.recipes import get_recipe
     from ossedge.runtime.checkpoint import logical_tensors
@@ -61,10 +69,10 @@ def _numel(shape) -> int:
 RUN = r"""
 import json, sys, time, torch
 from ossedge.benchmarks.rss import proc_status
-from ossedge.runtime.executorch import ExecuTorchModel
+from ossedge.runtime.artifacts import open_artifact
 root, n_prompt, n_gen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 t0 = time.perf_counter()
-model = ExecuTorchModel(root)
+model = open_artifact(root)
 load_s = time.perf_counter() - t0
 g = torch.Generator().manual_seed(0)
 ids = torch.randint(0, 199998, (1, n_prompt), generator=g)
@@ -82,11 +90,11 @@ print(json.dumps({"load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s
 """
 
 
-def main() -> None:
+def main(target: str = "executorch", out: str = "out/20b-et", recipe: str = "mobile") -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", default="out/gpt-oss-20b-synth")
-    p.add_argument("--out", default="out/20b-et")
-    p.add_argument("--recipe", default="mobile")
+    p.add_argument("--out", default=out)
+    p.add_argument("--recipe", default=recipe)
     p.add_argument("--prompt", type=int, default=1024)
     p.add_argument("--gen", type=int, default=64)
     p.add_argument("--skip-convert", action="store_true", help="Reuse an existing --out")
@@ -96,15 +104,17 @@ def main() -> None:
     if not ckpt.exists():
         cmd = [sys.executable, "-m", "ossedge", "synth", str(ckpt), "--preset", "20b"]
         subprocess.run(cmd, check=True)
-    result: dict = {"checkpoint": str(ckpt), "artifact": str(out), "recipe": a.recipe}
+    result: dict = {"checkpoint": str(ckpt), "artifact": str(out), "target": target,
+                    "recipe": a.recipe}
     if not a.skip_convert:
-        cmd = [sys.executable, "-m", "ossedge", "convert", str(ckpt), "--target", "executorch",
+        cmd = [sys.executable, "-m", "ossedge", "convert", str(ckpt), "--target", target,
                "-o", str(out), "--recipe", a.recipe, "--verify-tokens", "0", "--force"]
         wall, peak = _run_measured(cmd)
         result["convert"] = {"seconds": round(wall, 1), "peak_rss_gb": round(peak / GB, 2)}
     manifest = json.loads((out / "manifest.json").read_text())
     result["artifact_bytes"] = {k: v["bytes"] for k, v in manifest["files"].items()}
-    result["convert_stages_s"] = manifest["convert"]["stages_s"]
+    if "stages_s" in manifest["convert"]:
+        result["convert_stages_s"] = manifest["convert"]["stages_s"]
     run = subprocess.run(
         [sys.executable, "-c", RUN, str(out), str(a.prompt), str(a.gen)],
         capture_output=True, text=True, check=False,

@@ -18,9 +18,9 @@ from ossedge.runtime.errors import OssedgeError
 
 SCHEMA = "ossedge-bench/1"
 DEFAULT_PROMPT_LENGTHS = (128, 512, 2048)
-BACKENDS = ("reference", "executorch", "coreml")
+BACKENDS = ("reference", "executorch", "coreml", "onnx")
 RUNNERS = {"reference": ("python",), "executorch": ("pybindings", "native"),
-           "coreml": ("coremltools",)}
+           "coreml": ("coremltools",), "onnx": ("onnxruntime",)}
 
 
 class BenchError(OssedgeError):
@@ -39,7 +39,8 @@ def describe_model(path: Path, backend: str) -> dict[str, Any]:
     from ossedge.runtime.artifacts import artifact_format
 
     kind = artifact_format(path)
-    want = {"reference": None, "executorch": "executorch", "coreml": "coreml"}[backend]
+    want = {"reference": None, "executorch": "executorch", "coreml": "coreml", "onnx": "onnx"}[
+        backend]
     if kind != want:
         if backend == "reference":
             raise BenchError(f"{path} is a {kind} artifact; the reference backend runs "

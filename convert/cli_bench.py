@@ -38,9 +38,10 @@ def _lengths(ctx, param, value: str | None) -> tuple[int, ...] | None:
 
 @bench.command(name="run")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--backend", type=click.Choice(["reference", "executorch", "coreml"]),
+@click.option("--backend", type=click.Choice(["reference", "executorch", "coreml", "onnx"]),
               default="executorch", show_default=True)
-@click.option("--runner", type=click.Choice(["python", "pybindings", "native", "coremltools"]),
+@click.option("--runner", type=click.Choice(["python", "pybindings", "native", "coremltools",
+                                            "onnxruntime"]),
               default=None, help="executorch: pybindings (default here) or native (the C++ "
               "runner; the only one on adb).")
 @click.option("--device", default="local", show_default=True,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from ossedge.runtime.checkpoint import logical_tensors
 from ossedge.runtime.config import GptOssConfig
 
-TARGETS = ("executorch", "coreml")
+TARGETS = ("executorch", "coreml", "onnx")
 # The runtime itself, as (heap, mapped library pages). python: this process with torch, the
 # executorch pybindings and the ossedge kernels imported and a program initialized (measured on
 # Linux x86-64, 2026-12-01: 0.30 GB of heap; the libraries' file-backed pages 0.09-0.15 GB, by
@@ -177,9 +177,75 @@ def coreml_footprint(
     return f
 
 
+def _onnx_bytes(fmt: str, name: str, shape: tuple[int, ...]) -> int:
+    """Bytes of one tensor in an ONNX artifact (targets/onnx/export.py): MXFP4 as int8 blocks of 32
+    with fp32 scales, int4 g32 with fp32 scales, int8 rows as int8 blocks of 32 (linears) or int8
+    rows with an fp32 scale (embedding), everything kept as fp32."""
+    n = math.prod(shape)
+    if fmt == "mxfp4":
+        return n + n // 32 * 4
+    if fmt == "int4-g32":
+        return n // 2 + n // 32 * 4
+    if fmt == "int8-ch":
+        return n + (n // shape[-1] * 4 if name == "model.embed_tokens.weight" else n // 32 * 4)
+    return n * 4
+
+
+def onnx_weights(cfg: GptOssConfig, recipe: str) -> dict[str, int]:
+    """As `_weights`, for the ONNX target's storage."""
+    from ossedge.quantize.recipes import get_recipe
+
+    rec = get_recipe(recipe)
+    out = dict.fromkeys(("experts", "expert_biases", "linears", "embedding", "small"), 0)
+    for name, shape in logical_tensors(cfg):
+        size = _onnx_bytes(rec.format_for(name, shape), name, shape)
+        if ".experts." in name:
+            out["expert_biases" if name.endswith("_bias") else "experts"] += size
+        elif name == "model.embed_tokens.weight":
+            out["embedding"] += size
+        elif "_proj." in name or name == "lm_head.weight":
+            out["linears"] += size
+        else:
+            out["small"] += size
+    return out
+
+
+def onnx_kv_bytes(cfg: GptOssConfig, context: int) -> int:
+    """The runtime's KV buffers: fp32, `context` slots in every layer (sliding ones too)."""
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * context * cfg.head_dim * 4
+
+
+ONNX_PREFILL = 128  # tokens per call (runtime/onnx.py PREFILL_CHUNK)
+
+
+def onnx_footprint(cfg: GptOssConfig, recipe: str, context: int, *, host: str = "app") -> Footprint:
+    """Predicted peak memory of an ONNX artifact in ONNX Runtime with prepacking off: every weight
+    stays in the memory-mapped model.onnx.data (checked: a 410 MB initializer adds 8 MB of RSS);
+    the KV buffers, a prefill chunk's logits and GroupQueryAttention's scores are heap."""
+    w = onnx_weights(cfg, recipe)
+    p = ONNX_PREFILL
+    f = Footprint("onnx", recipe, context, host)
+    f.parts += [
+        Part("runtime", HOST_BYTES[host][0], "anon", f"{host} host: ONNX Runtime heap"),
+        Part("libraries", HOST_BYTES[host][1], "mapped", f"{host} host: runtime code pages"),
+        Part("linears", w["linears"] + w["small"] + w["expert_biases"], "mapped",
+             "attention, router and unembedding (MatMulNBits or fp32), mapped"),
+        Part("kv_cache", onnx_kv_bytes(cfg, context), "anon",
+             f"fp32 [1, KV, {context}, D] per layer, bound as past and present"),
+        Part("activations", p * cfg.vocab_size * 4 + cfg.num_attention_heads * p * context * 4,
+             "anon", f"a {p}-token prefill's logits and attention scores"),
+        Part("experts", w["experts"], "mapped", "QMoE weights: int8 blocks (MXFP4) or int4"),
+        Part("embedding", w["embedding"], "mapped", "one row per token"),
+    ]
+    return f
+
+
 def footprint(cfg: GptOssConfig, target: str, recipe: str, context: int, **kw) -> Footprint:
     if target == "executorch":
         return executorch_footprint(cfg, recipe, context, **kw)
+    if target == "onnx":
+        kw.pop("max_prefill", None)
+        return onnx_footprint(cfg, recipe, context, **kw)
     if target == "coreml":
         kw.pop("max_prefill", None)
         return coreml_footprint(cfg, recipe, context, **kw)
@@ -189,10 +255,13 @@ def footprint(cfg: GptOssConfig, target: str, recipe: str, context: int, **kw) -
 def decode_read_bytes(cfg: GptOssConfig, target: str, recipe: str, context: int) -> int:
     """Bytes one decoded token reads: the k selected experts of every layer, all linear layers,
     one embedding row, and the KV cache (the programs attend over every slot, masked)."""
-    w = _weights(cfg, recipe, kept_bytes=4 if target == "executorch" else 2)
+    if target == "onnx":
+        w, kv = onnx_weights(cfg, recipe), onnx_kv_bytes(cfg, context)
+    else:
+        w = _weights(cfg, recipe, kept_bytes=4 if target == "executorch" else 2)
+        kv = kv_cache_bytes(cfg, context, dtype_bytes=4 if target == "executorch" else 2)
     experts = w["experts"] * cfg.num_experts_per_tok // cfg.num_local_experts
     row = w["embedding"] // cfg.vocab_size
-    kv = kv_cache_bytes(cfg, context, dtype_bytes=4 if target == "executorch" else 2)
     return experts + w["linears"] + w["small"] + row + kv
 
 

@@ -184,3 +184,32 @@ def test_convert_refuses_what_it_cannot_build(tmp_path: Path) -> None:
             "--device", "pixel-9-pro")
     assert p.returncode == 2 and "drop it for onnx" in p.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_bench_backend_onnx(artifact: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    p = run("bench", str(artifact), "--backend", "onnx", "--prompt-lengths", "16",
+            "--gen-tokens", "4", "--runs", "1", "--warmup", "0", "-o", str(out))
+    assert p.returncode == 0, p.stderr
+    r = json.loads(out.read_text())
+    assert r["backend"] == "onnx" and r["runner"] == "onnxruntime"
+    assert r["artifact"]["format"] == "ossedge-onnx" and r["results"][0]["prompt_tokens"] == 16
+    p = run("bench", str(default_model_dir()), "--backend", "onnx", "--prompt-lengths", "16",
+            "-o", str(tmp_path / "no.json"))
+    assert_one_line_error(p, "not an ossedge onnx artifact")
+
+
+def test_memory_model_counts_the_data_file(artifact: Path) -> None:
+    """The planner's ONNX weights (targets/memory.py) against the bytes the exporter wrote."""
+    from ossedge.runtime.config import config_from_hf_dict
+    from ossedge.targets.memory import onnx_footprint
+
+    import onnx
+
+    m = json.loads((artifact / "manifest.json").read_text())
+    f = onnx_footprint(config_from_hf_dict(m["config"]), m["recipe"], CONTEXT)
+    weights = sum(f.part(n) for n in ("linears", "experts", "embedding"))
+    graph = onnx.load(str(artifact / "model.onnx"), load_external_data=False).graph
+    written = sum(int(e.value) for t in graph.initializer for e in t.external_data
+                  if e.key == "length")  # without the 64 KiB alignment padding
+    assert abs(weights / written - 1) < 0.03, (weights, written)  # small tensors inline, rope
