@@ -82,9 +82,13 @@ class OnnxCache:
 
 class OnnxModel:
     """An ONNX artifact in an ONNX Runtime CPU session. `threads`: intra-op threads (default: all
-    cores)."""
+    cores). `prepack` (default: $OSSEDGE_ONNX_PREPACK=1, else off) lets ONNX Runtime repack the
+    weights into its own heap at load: several times faster (6.5× decode on the tiny model) but
+    the weights then take heap memory instead of staying in the mapped data file, and QMoE's
+    8-bit experts run on int8-quantized activations."""
 
-    def __init__(self, root: str | Path, *, checksums: bool = False, threads: int | None = None):
+    def __init__(self, root: str | Path, *, checksums: bool = False, threads: int | None = None,
+                 prepack: bool | None = None):
         import onnxruntime as ort
 
         self.root = Path(root)
@@ -93,8 +97,12 @@ class OnnxModel:
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        if prepack is None:
+            prepack = os.environ.get("OSSEDGE_ONNX_PREPACK") == "1"
+        self.prepack = prepack
         for k, v in m.get("session_options", {}).items():
-            opts.add_session_config_entry(k, v)
+            if not (prepack and k == "session.disable_prepacking"):
+                opts.add_session_config_entry(k, v)
         try:
             self.session = ort.InferenceSession(
                 str(self.root / "model.onnx"), opts, providers=["CPUExecutionProvider"]
