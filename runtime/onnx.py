@@ -21,7 +21,8 @@ from ossedge.runtime.errors import ArtifactError
 
 ARTIFACT_FORMAT = "ossedge-onnx"
 SUPPORTED_CONTRACT = 1
-FILES = ("model.onnx", "model.onnx.data", "tokenizer.json", "genai_config.json")
+FILES = ("model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json",
+         "genai_config.json")
 # rel_err tolerance against the reference with the same recipe: MatMulNBits at accuracy level 4
 # quantizes activations to int8 per block, like XNNPACK's linears (runtime/executorch.py)
 TOLERANCE_QUANTIZED = 8e-2

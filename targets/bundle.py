@@ -1,6 +1,7 @@
 """App bundles: one directory an Android or iOS app takes as it is — the artifacts under
 `models/`, the platform glue (`android/`: ExecuTorch LLM runner wrapper, CMake for the ossedge
-kernels and their sources; `ios/`: a Swift package with the Core ML driver), and a
+kernels and their sources; `ios/`: a Swift package with the Core ML driver; ONNX models load with
+onnxruntime-genai's own packages), and a
 `manifest.json` with the sha256 of every file, the contract version, generation defaults, the
 harmony special token ids and the device plan. `verify_bundle` checks all of it."""
 
@@ -19,7 +20,7 @@ from ossedge.runtime.quantized import sha256_file as _sha256
 
 FORMAT = "ossedge-bundle"
 CONTRACT_VERSION = 1
-PLATFORMS = {"android": ("executorch",), "ios": ("coreml", "executorch")}
+PLATFORMS = {"android": ("executorch", "onnx"), "ios": ("coreml", "executorch", "onnx")}
 MANIFEST = "manifest.json"
 
 
@@ -55,9 +56,13 @@ def _artifact(path: Path) -> tuple[str, dict[str, Any]]:
         from ossedge.runtime.coreml import read_manifest
 
         return kind, read_manifest(path)
+    if kind == "onnx":
+        from ossedge.runtime.onnx import read_manifest as read_onnx
+
+        return kind, read_onnx(path)
     raise ArtifactError(
-        f"{path}: not an ossedge artifact (no ExecuTorch or Core ML manifest.json); make one "
-        "with `ossedge convert`"
+        f"{path}: not an ossedge artifact (no ExecuTorch, Core ML or ONNX manifest.json); make "
+        "one with `ossedge convert`"
     )
 
 

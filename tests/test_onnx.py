@@ -53,8 +53,8 @@ def _parity(art: Path, ckpt: Path, recipe: str, chunks: list[int], ids: torch.Te
 
 def test_artifact_contract(artifact: Path) -> None:
     names = {p.name for p in artifact.iterdir()}
-    assert names == {"model.onnx", "model.onnx.data", "tokenizer.json", "genai_config.json",
-                     "manifest.json"}
+    assert names == {"model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json",
+                     "genai_config.json", "manifest.json"}
     m = json.loads((artifact / "manifest.json").read_text())
     assert m["format"] == "ossedge-onnx" and m["contract_version"] == 1
     assert m["experts"] == {"op": "com.microsoft::QMoE", "bits": 8, "activations": "float",
@@ -112,6 +112,7 @@ def test_genai_generates_what_the_runtime_does(artifact: Path) -> None:
         reason="NOT TESTED: onnxruntime-genai is not installed (pip install '.[genai]')",
     )
     prompt = Tokenizer.from_dir(default_model_dir()).encode("def add(a, b):")
+    assert list(og.Tokenizer(og.Model(str(artifact))).encode("def add(a, b):")) == prompt
     params = og.GeneratorParams(og.Model(str(artifact)))
     params.set_search_options(max_length=len(prompt) + 24, do_sample=False)
     gen = og.Generator(og.Model(str(artifact)), params)
@@ -120,7 +121,7 @@ def test_genai_generates_what_the_runtime_does(artifact: Path) -> None:
     while not gen.is_done():
         gen.generate_next_token()
         theirs.append(int(gen.get_next_tokens()[0]))
-    model = OnnxModel(artifact)
+    model = OnnxModel(artifact, prepack=True)  # as genai_config.json runs it
     cache = model.new_cache()
     logits, ours = model(torch.tensor([prompt]), cache=cache), []
     for _ in range(len(theirs)):
@@ -213,3 +214,15 @@ def test_memory_model_counts_the_data_file(artifact: Path) -> None:
     written = sum(int(e.value) for t in graph.initializer for e in t.external_data
                   if e.key == "length")  # without the 64 KiB alignment padding
     assert abs(weights / written - 1) < 0.03, (weights, written)  # small tensors inline, rope
+
+
+def test_bundle_takes_an_onnx_artifact(artifact: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bundle"
+    p = run("bundle", str(artifact), "--platform", "android", "--device", "pixel-9-pro",
+            "-o", str(out))
+    assert p.returncode == 0, p.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert [x["target"] for x in m["models"]] == ["onnx"]
+    assert "models/tiny-onnx/model.onnx.data" in m["files"]
+    assert m["device_plan"]["models"]["tiny-onnx"]["fits"] == "resident"
+    assert run("verify", str(out)).returncode == 0
