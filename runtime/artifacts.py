@@ -24,6 +24,47 @@ def artifact_format(path: str | Path) -> str | None:
             "ossedge-onnx": "onnx"}.get(fmt)
 
 
+def read_manifest(root: Path, *, fmt: str, what: str, contract: int,
+                  files: tuple[str, ...] | None = None, checksums: bool = False,
+                  error: type[ArtifactError] = ArtifactError) -> dict:
+    """An artifact's manifest.json, after checking its format (`fmt`, e.g. "ossedge-onnx"), its
+    contract version, and that each of `files` (default: every file it lists) is there with the
+    recorded size and, with `checksums`, sha256. `what` names the artifact kind in errors."""
+    from ossedge.runtime.quantized import sha256_file
+
+    file = root / "manifest.json"
+    try:
+        manifest = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise error(f"{root}: no manifest.json; not an ossedge {what} artifact") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{file}: unreadable ({e}); convert the model again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        raise error(f"{file}: not an ossedge {what} artifact manifest")
+    if manifest.get("contract_version") != contract:
+        raise error(
+            f"{root}: artifact contract version {manifest.get('contract_version')}, this ossedge "
+            f"reads {contract}; convert the model again with this version"
+        )
+    listed = manifest.get("files", {})
+    for name in files if files is not None else tuple(listed):
+        path, want = root / name, listed.get(name, {})
+        if not path.is_file():
+            raise error(f"{path}: missing; the artifact is incomplete, convert again")
+        size = path.stat().st_size
+        if size != want.get("bytes"):
+            raise error(
+                f"{path}: {size} bytes, the manifest records {want.get('bytes')}; the file is "
+                "truncated or from another conversion"
+            )
+        if checksums and sha256_file(path) != want.get("sha256"):
+            raise error(
+                f"{path}: sha256 differs from the manifest; the file is corrupt or from another "
+                "conversion"
+            )
+    return manifest
+
+
 def open_artifact(root: str | Path, *, checksums: bool = False, engine: str = "auto"):
     """The artifact's model (ExecuTorchModel, CoreMLModel or OnnxModel; `engine` applies to Core
     ML)."""

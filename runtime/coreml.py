@@ -44,37 +44,10 @@ def is_coreml_artifact(path: str | Path) -> bool:
 
 def read_manifest(root: Path, *, checksums: bool = False) -> dict[str, Any]:
     """The manifest, after checking every file it lists is there with its size (and sha256)."""
-    from ossedge.runtime.quantized import sha256_file
+    from ossedge.runtime.artifacts import read_manifest as read
 
-    file = root / "manifest.json"
-    try:
-        manifest = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise CoreMLArtifactError(f"{root}: no manifest.json; not an ossedge Core ML artifact") \
-            from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CoreMLArtifactError(f"{file}: unreadable ({e}); convert the model again") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CoreMLArtifactError(f"{file}: not an ossedge Core ML artifact manifest")
-    if manifest.get("contract_version") != SUPPORTED_CONTRACT:
-        raise CoreMLArtifactError(
-            f"{root}: artifact contract version {manifest.get('contract_version')}, this ossedge "
-            f"reads {SUPPORTED_CONTRACT}; convert the model again with this version"
-        )
-    for name, want in manifest.get("files", {}).items():
-        path = root / name
-        if not path.is_file():
-            raise CoreMLArtifactError(f"{path}: missing; the artifact is incomplete, convert again")
-        if path.stat().st_size != want["bytes"]:
-            raise CoreMLArtifactError(
-                f"{path}: {path.stat().st_size} bytes, the manifest records {want['bytes']}; the "
-                "file is truncated or from another conversion"
-            )
-        if checksums and sha256_file(path) != want["sha256"]:
-            raise CoreMLArtifactError(
-                f"{path}: sha256 differs from the manifest; the file is corrupt or was modified"
-            )
-    return manifest
+    return read(root, fmt=FORMAT, what="Core ML", contract=SUPPORTED_CONTRACT,
+                checksums=checksums, error=CoreMLArtifactError)
 
 
 class _InterpreterEngine:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import sys
 import tempfile
@@ -126,43 +125,10 @@ def is_artifact(path: str | Path) -> bool:
 def read_artifact_manifest(root: Path, *, checksums: bool = False) -> dict:
     """The manifest of an ExecuTorch artifact, after checking that its files are all there with
     the recorded sizes (and, with `checksums`, sha256)."""
-    from ossedge.runtime.quantized import sha256_file
+    from ossedge.runtime.artifacts import read_manifest
 
-    file = root / "manifest.json"
-    try:
-        manifest = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(
-            f"{root}: no manifest.json; not an ossedge ExecuTorch artifact"
-        ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{file}: unreadable ({e}); convert the model again") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
-        raise ArtifactError(f"{file}: not an ossedge ExecuTorch artifact manifest")
-    version = manifest.get("contract_version")
-    if version != SUPPORTED_CONTRACT:
-        raise ArtifactError(
-            f"{root}: artifact contract version {version}, this ossedge reads "
-            f"{SUPPORTED_CONTRACT}; convert the model again with this version"
-        )
-    files = manifest.get("files", {})
-    for name in FILES:
-        path = root / name
-        want = files.get(name, {})
-        if not path.is_file():
-            raise ArtifactError(f"{path}: missing; the artifact is incomplete, convert again")
-        size = path.stat().st_size
-        if size != want.get("bytes"):
-            raise ArtifactError(
-                f"{path}: {size} bytes, the manifest records {want.get('bytes')}; the file is "
-                "truncated or from another conversion"
-            )
-        if checksums and sha256_file(path) != want.get("sha256"):
-            raise ArtifactError(
-                f"{path}: sha256 differs from the manifest; the file is corrupt or from another "
-                "conversion"
-            )
-    return manifest
+    return read_manifest(root, fmt=ARTIFACT_FORMAT, what="ExecuTorch",
+                         contract=SUPPORTED_CONTRACT, files=FILES, checksums=checksums)
 
 
 def _last_error_line(log: str) -> str:

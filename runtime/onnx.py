@@ -9,7 +9,6 @@ new keys in place (its shared-buffer mode) and nothing is copied between steps.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,47 +22,14 @@ ARTIFACT_FORMAT = "ossedge-onnx"
 SUPPORTED_CONTRACT = 1
 FILES = ("model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json",
          "genai_config.json")
-# rel_err tolerance against the reference with the same recipe: MatMulNBits at accuracy level 4
-# quantizes activations to int8 per block, like XNNPACK's linears (runtime/executorch.py)
-TOLERANCE_QUANTIZED = 8e-2
-TOLERANCE_FLOAT = 1e-3
 PREFILL_CHUNK = 128  # tokens per call when feeding a long prompt (bounds the logits' memory)
 
 
 def read_manifest(root: Path, *, checksums: bool = False) -> dict:
-    from ossedge.runtime.quantized import sha256_file
+    from ossedge.runtime.artifacts import read_manifest as read
 
-    file = root / "manifest.json"
-    try:
-        manifest = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{root}: no manifest.json; not an ossedge ONNX artifact") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{file}: unreadable ({e}); convert the model again") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
-        raise ArtifactError(f"{file}: not an ossedge ONNX artifact manifest")
-    if manifest.get("contract_version") != SUPPORTED_CONTRACT:
-        raise ArtifactError(
-            f"{root}: artifact contract version {manifest.get('contract_version')}, this ossedge "
-            f"reads {SUPPORTED_CONTRACT}; convert the model again with this version"
-        )
-    files = manifest.get("files", {})
-    for name in FILES:
-        path = root / name
-        want = files.get(name, {})
-        if not path.is_file():
-            raise ArtifactError(f"{path}: missing; the artifact is incomplete, convert again")
-        if path.stat().st_size != want.get("bytes"):
-            raise ArtifactError(
-                f"{path}: {path.stat().st_size} bytes, the manifest records {want.get('bytes')}; "
-                "the file is truncated or from another conversion"
-            )
-        if checksums and sha256_file(path) != want.get("sha256"):
-            raise ArtifactError(
-                f"{path}: sha256 differs from the manifest; the file is corrupt or from another "
-                "conversion"
-            )
-    return manifest
+    return read(root, fmt=ARTIFACT_FORMAT, what="ONNX", contract=SUPPORTED_CONTRACT, files=FILES,
+                checksums=checksums)
 
 
 @dataclass

@@ -75,30 +75,39 @@ class Footprint:
         return self.resident - experts + int(experts * STREAM_MIN_EXPERT_FRACTION)
 
 
-def _weights(cfg: GptOssConfig, recipe: str, *, kept_bytes: int) -> dict[str, int]:
-    """Stored bytes by group: experts (weights), expert_biases, linears (attention q/k/v/o and the
-    unembedding, with their biases), embedding, small (norms, sinks, router). Kept (unquantized)
-    tensors count `kept_bytes` per value: what the target stores them as."""
-    from ossedge.quantize.qtensor import stored_bytes
+def _grouped(cfg: GptOssConfig, recipe: str, size) -> dict[str, int]:
+    """Bytes by group — experts (weights), expert_biases, linears (attention q/k/v/o and the
+    unembedding, with their biases), embedding, small (norms, sinks, router) — with
+    `size(fmt, name, shape)` the bytes a target stores one tensor in."""
     from ossedge.quantize.recipes import get_recipe
 
     rec = get_recipe(recipe)
     out = dict.fromkeys(("experts", "expert_biases", "linears", "embedding", "small"), 0)
     for name, shape in logical_tensors(cfg):
-        fmt = rec.format_for(name, shape)
-        if fmt != "keep":
-            size = stored_bytes(fmt, shape)
-        else:  # a dense embedding table stays as stored (bf16): only its rows are converted
-            size = math.prod(shape) * (2 if name == "model.embed_tokens.weight" else kept_bytes)
+        n = size(rec.format_for(name, shape), name, shape)
         if ".experts." in name:
-            out["expert_biases" if name.endswith("_bias") else "experts"] += size
+            out["expert_biases" if name.endswith("_bias") else "experts"] += n
         elif name == "model.embed_tokens.weight":
-            out["embedding"] += size
+            out["embedding"] += n
         elif "_proj." in name or name == "lm_head.weight":
-            out["linears"] += size
+            out["linears"] += n
         else:
-            out["small"] += size
+            out["small"] += n
     return out
+
+
+def _weights(cfg: GptOssConfig, recipe: str, *, kept_bytes: int) -> dict[str, int]:
+    """Stored bytes by group (`_grouped`). Kept (unquantized) tensors count `kept_bytes` per
+    value: what the target stores them as."""
+    from ossedge.quantize.qtensor import stored_bytes
+
+    def size(fmt: str, name: str, shape: tuple[int, ...]) -> int:
+        if fmt != "keep":
+            return stored_bytes(fmt, shape)
+        # a dense embedding table stays as stored (bf16): only its rows are converted
+        return math.prod(shape) * (2 if name == "model.embed_tokens.weight" else kept_bytes)
+
+    return _grouped(cfg, recipe, size)
 
 
 def kv_cache_bytes(cfg: GptOssConfig, context: int, *, dtype_bytes: int) -> int:
@@ -193,21 +202,7 @@ def _onnx_bytes(fmt: str, name: str, shape: tuple[int, ...]) -> int:
 
 def onnx_weights(cfg: GptOssConfig, recipe: str) -> dict[str, int]:
     """As `_weights`, for the ONNX target's storage."""
-    from ossedge.quantize.recipes import get_recipe
-
-    rec = get_recipe(recipe)
-    out = dict.fromkeys(("experts", "expert_biases", "linears", "embedding", "small"), 0)
-    for name, shape in logical_tensors(cfg):
-        size = _onnx_bytes(rec.format_for(name, shape), name, shape)
-        if ".experts." in name:
-            out["expert_biases" if name.endswith("_bias") else "experts"] += size
-        elif name == "model.embed_tokens.weight":
-            out["embedding"] += size
-        elif "_proj." in name or name == "lm_head.weight":
-            out["linears"] += size
-        else:
-            out["small"] += size
-    return out
+    return _grouped(cfg, recipe, _onnx_bytes)
 
 
 def onnx_kv_bytes(cfg: GptOssConfig, context: int) -> int:
@@ -215,15 +210,13 @@ def onnx_kv_bytes(cfg: GptOssConfig, context: int) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * context * cfg.head_dim * 4
 
 
-ONNX_PREFILL = 128  # tokens per call (runtime/onnx.py PREFILL_CHUNK)
-
-
 def onnx_footprint(cfg: GptOssConfig, recipe: str, context: int, *, host: str = "app") -> Footprint:
     """Predicted peak memory of an ONNX artifact in ONNX Runtime with prepacking off: every weight
     stays in the memory-mapped model.onnx.data (checked: a 410 MB initializer adds 8 MB of RSS);
     the KV buffers, a prefill chunk's logits and GroupQueryAttention's scores are heap."""
+    from ossedge.runtime.onnx import PREFILL_CHUNK as p  # tokens per call
+
     w = onnx_weights(cfg, recipe)
-    p = ONNX_PREFILL
     f = Footprint("onnx", recipe, context, host)
     f.parts += [
         Part("runtime", HOST_BYTES[host][0], "anon", f"{host} host: ONNX Runtime heap"),

@@ -249,7 +249,7 @@ def build_graph(source, out: Path, max_context: int, progress: bool) -> dict[str
             )
             h = g.node("Add", [h, moe])
         x = g.rms(h, weight("model.norm.weight"), cfg.rms_norm_eps, "norm")
-        logits = g.linear(x, weight("lm_head.weight"), None, "lm_head")
+        g.linear(x, weight("lm_head.weight"), None, "lm_head")
         g.nodes[-1].output[0] = "logits"
     finally:
         writer.close()
@@ -264,7 +264,6 @@ def build_graph(source, out: Path, max_context: int, progress: bool) -> dict[str
                                                         [1, kv, "past_sequence_length", d]))
             outputs.append(helper.make_tensor_value_info(f"present.{n}.{part}", f,
                                                          [1, kv, "present_sequence_length", d]))
-    del logits
     model = helper.make_model(
         helper.make_graph(g.nodes, "gpt_oss", inputs, outputs, initializer=writer.inits),
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", MS_OPSET)],
