@@ -18,6 +18,7 @@ from ossedge.targets.devices import (
     device_from_dict,
     get_device,
     local_device,
+    measure_bandwidth,
 )
 from ossedge.targets.memory import (
     HOST_BYTES,
@@ -81,6 +82,13 @@ def test_profile_from_a_json_file_and_local(tmp_path: Path) -> None:
     assert get_device(f).app_budget == 3_500_000_000
     here = local_device()
     assert 0 < here.app_budget_gb <= here.ram_gb and here.bandwidth_gbs > 0.5
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_bandwidth_reads_the_whole_buffer_with_any_thread_count(threads: int) -> None:
+    # any real machine lies between 1 GiB/s and 10 TiB/s; a split that skipped rows would not
+    bw = measure_bandwidth(gb=0.05, runs=2, threads=threads)
+    assert 2**30 < bw < 10_000 * 2**30
 
 
 def test_unknown_device_lists_the_valid_ones() -> None:
