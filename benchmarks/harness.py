@@ -21,6 +21,9 @@ DEFAULT_PROMPT_LENGTHS = (128, 512, 2048)
 BACKENDS = ("reference", "executorch", "coreml", "onnx")
 RUNNERS = {"reference": ("python",), "executorch": ("pybindings", "native"),
            "coreml": ("coremltools",), "onnx": ("onnxruntime",)}
+# How the native runner holds the .ptd: mapped file pages (a phone's way, the default) or read
+# into anonymous memory with transparent huge pages (a desktop's).
+WEIGHTS = ("mmap", "heap")
 
 
 class BenchError(OssedgeError):
@@ -109,8 +112,8 @@ def _command(backend: str, runner: str, remote: dict[str, str], n: int, a: dict,
     if a["threads"]:
         common += ["--threads", str(a["threads"])]
     if runner == "native":
-        return [remote["runner"], "--model", remote["model"],
-                "--kernels", remote["kernels"], *common]
+        return [remote["runner"], "--model", remote["model"], "--kernels", remote["kernels"],
+                "--weights", a["weights"], *common]
     return [sys.executable, "-m", "ossedge.benchmarks.bench_child", "--backend", backend,
             "--model", remote["model"], *common]
 
@@ -129,6 +132,7 @@ def run_bench(
     memory_limit: str | None = None,
     seed: int = 0,
     runner_bin: str | Path | None = None,
+    weights: str = "mmap",
     progress: bool = False,
 ) -> dict[str, Any]:
     from ossedge.benchmarks.limits import parse_size
@@ -148,6 +152,11 @@ def run_bench(
     if device != "local" and runner != "native":
         raise BenchError(f"--device {device} runs the native ExecuTorch runner only "
                          "(--backend executorch --runner native)")
+    if weights not in WEIGHTS:
+        raise BenchError(f"unknown weights mode {weights!r}; choose {' or '.join(WEIGHTS)}")
+    if weights != "mmap" and runner != "native":
+        raise BenchError(f"--weights {weights} is a native runner mode (--backend executorch "
+                         "--runner native); the other runners map the weights")
     if backend == "coreml" and platform.system() != "Darwin":
         raise BenchError("Core ML predictions need macOS; on Linux check the artifact with "
                          "`ossedge verify` (the MIL interpreter) instead")
@@ -179,7 +188,7 @@ def run_bench(
                              "`make install`")
     remote = transport.stage(files)
     settings = {"prompt_lengths": list(prompt_lengths), "gen_tokens": gen_tokens, "runs": runs,
-                "warmup": warmup, "threads": threads, "seed": seed,
+                "warmup": warmup, "threads": threads, "seed": seed, "weights": weights,
                 "memory_limit": memory_limit, "memory_limit_bytes": limit}
     results = measure(
         transport, lambda n: _command(backend, runner, remote, n, settings, info["vocab_size"]),
@@ -273,7 +282,8 @@ def run_peer(ours: dict[str, Any], *, gguf: str | Path, progress: bool = False) 
                      "max_context": ours["artifact"]["max_context"], "vocab_size": vocab,
                      "manifest_sha256": ours["artifact"]["manifest_sha256"],
                      "weights_of": str(art), "export": export},
-        "settings": {**st, "threads": threads},
+        # llama.cpp places its weights itself (mapped, repacked into the heap where it can)
+        "settings": {**{k: v for k, v in st.items() if k != "weights"}, "threads": threads},
         "results": results,
     }
 
@@ -291,6 +301,7 @@ def summarize(raw: dict[str, Any], *, wall_s: float) -> dict[str, Any]:
         "peak_rss_bytes": rss.get("VmHWM"),
         "rss_anon_bytes": rss.get("RssAnon"),
         "rss_file_bytes": rss.get("RssFile"),
+        "anon_huge_bytes": rss.get("AnonHugePages"),
         "major_faults": raw.get("major_faults"),
         "threads": raw.get("threads"),
         "wall_s": round(wall_s, 2),

@@ -16,8 +16,10 @@ def label(d: dict[str, Any]) -> str:
     dev = d["device"]
     where = dev.get("model") or dev.get("transport", "?")
     limit = d["settings"].get("memory_limit")
+    weights = d["settings"].get("weights", "mmap")
     name = f"{where} · {d['backend']}/{d['runner']} · {d['artifact'].get('recipe', '?')}"
-    return name + (f" · limit {limit}" if limit else "")
+    return name + (f" · weights {weights}" if weights != "mmap" else "") + (
+        f" · limit {limit}" if limit else "")
 
 
 def load_results(paths: list[str | Path]) -> list[dict[str, Any]]:

@@ -58,6 +58,15 @@ def test_native_runner_generates_what_the_pybindings_do(pybindings, et_artifact:
     r = run_bench(et_artifact, backend="executorch", runner="native", **SHORT)
     _check(r, et_artifact)
     assert _tokens(r) == _tokens(pybindings)
+    assert r["settings"]["weights"] == "mmap" and r["results"][0]["raw"]["weights"] == "mmap"
+    heap = run_bench(et_artifact, backend="executorch", runner="native", weights="heap", **SHORT)
+    _check(heap, et_artifact)
+    assert _tokens(heap) == _tokens(pybindings)
+    assert heap["results"][0]["raw"]["weights"] == "heap"
+    assert heap["results"][0]["rss_anon_bytes"] > r["results"][0]["rss_anon_bytes"]
+    from ossedge.benchmarks.report import label
+
+    assert "weights heap" in label(heap) and "weights" not in label(r)
 
 
 @pytest.fixture()
@@ -98,6 +107,8 @@ def test_unreachable_device_and_missing_runner_are_one_line_errors(
     assert p.returncode == 2 and "tpu" in p.stderr
     p = run("bench", str(et_artifact), "--prompt-lengths", "4000", "-o", out)
     assert_one_line_error(p, "exceed", "context of 2048")
+    p = run("bench", str(et_artifact), "--weights", "heap", *short, "-o", out)
+    assert_one_line_error(p, "--weights heap is a native runner mode", "--runner native")
     p = run("bench", str(et_artifact), "--backend", "coreml", *short, "-o", out)
     assert_one_line_error(p, "Core ML predictions need macOS", "ossedge verify")
     assert not Path(out).exists()

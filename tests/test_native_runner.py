@@ -70,7 +70,9 @@ def test_report(runner, artifact):
         assert run_["prefill_tok_s"] > 0 and run_["decode_tok_s"] > 0
         assert len(run_["tokens"]) == 32
         assert run_["tokens"] == r["runs"][0]["tokens"]  # same prompt, cache restarted
-    assert set(r["rss"]) == {"VmHWM", "VmRSS", "RssAnon", "RssFile"}
+    assert {"VmHWM", "VmRSS", "RssAnon", "RssFile"} <= set(r["rss"]) <= {
+        "VmHWM", "VmRSS", "RssAnon", "RssFile", "AnonHugePages"}
+    assert r["weights"] == "mmap" and r["mlock"] is False
     assert r["rss"]["VmHWM"] >= r["rss"]["VmRSS"] > 0
     assert r["major_faults"] >= 0
 
@@ -86,6 +88,26 @@ def test_tokens_match_python(runner, artifact):
     expected = python_greedy(artifact, ids, gen)
     for run_ in r["runs"]:
         assert run_["tokens"] == expected
+
+
+def test_weights_in_the_heap_give_the_same_tokens(runner, artifact):
+    common = ["--model", str(artifact), "--prompt-length", "40", "--gen-tokens", "10", "--runs",
+              "1", "--warmup", "0"]
+    mapped = report(runner, *common)
+    heap = report(runner, *common, "--weights", "heap")
+    assert heap["weights"] == "heap"
+    assert heap["runs"][0]["tokens"] == mapped["runs"][0]["tokens"]
+    # the .ptd is copied into anonymous memory instead of being mapped from the file
+    ptd = (artifact / "model.ptd").stat().st_size
+    assert heap["rss"]["RssAnon"] - mapped["rss"]["RssAnon"] > 0.9 * ptd
+    assert heap["rss"]["RssFile"] < mapped["rss"]["RssFile"]
+
+
+def test_bad_weights_mode(runner, artifact):
+    p = run(runner, "--model", str(artifact), "--weights", "disk")
+    assert_one_line_error(p, "--weights needs mmap or heap", "disk")
+    p = run(runner, "--model", str(artifact), "--weights", "heap", "--mlock")
+    assert_one_line_error(p, "--mlock", "--weights heap")
 
 
 def test_seed_changes_prompt(runner, artifact):

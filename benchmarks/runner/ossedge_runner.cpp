@@ -1,6 +1,8 @@
 // ossedge_runner: times prefill and greedy decode of an ossedge ExecuTorch artifact (model.pte +
 // model.ptd) with the C++ runtime alone, and prints one JSON object on stdout. See README.md.
 #include <dlfcn.h>
+#include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -13,11 +15,15 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <initializer_list>
+#include <memory>
 #include <random>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include <executorch/extension/data_loader/buffer_data_loader.h>
+#include <executorch/extension/data_loader/mmap_data_loader.h>
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor.h>
 
@@ -48,13 +54,14 @@ struct Args {
   long prompt_length = 128, gen_tokens = 32, runs = 3, warmup = 1, threads = 0;
   uint64_t seed = 0;
   bool mlock = false;
+  std::string weights = "mmap";  // or "heap"
   std::vector<int64_t> prompt_ids;  // overrides the random prompt when given
 };
 
 const char* kUsage =
     "usage: ossedge_runner --model DIR [--prompt-length N] [--gen-tokens N] [--runs R]\n"
-    "                      [--warmup W] [--threads T] [--mlock] [--seed S] [--kernels PATH]\n"
-    "                      [--prompt-ids ID,ID,...]\n";
+    "                      [--warmup W] [--threads T] [--mlock] [--weights mmap|heap]\n"
+    "                      [--seed S] [--kernels PATH] [--prompt-ids ID,ID,...]\n";
 
 long to_long(const std::string& flag, const std::string& s, long lo) {
   char* end = nullptr;
@@ -87,7 +94,10 @@ Args parse(int argc, char** argv) {
     else if (f == "--runs") a.runs = to_long(f, v, 1);
     else if (f == "--warmup") a.warmup = to_long(f, v, 0);
     else if (f == "--threads") a.threads = to_long(f, v, 1);
-    else if (f == "--seed") a.seed = static_cast<uint64_t>(to_long(f, v, 0));
+    else if (f == "--weights") {
+      if (v != "mmap" && v != "heap") fail("--weights needs mmap or heap, got '" + v + "'");
+      a.weights = v;
+    } else if (f == "--seed") a.seed = static_cast<uint64_t>(to_long(f, v, 0));
     else if (f == "--prompt-ids") {
       std::stringstream ss(v);
       for (std::string tok; std::getline(ss, tok, ',');) a.prompt_ids.push_back(to_long(f, tok, 0));
@@ -95,6 +105,7 @@ Args parse(int argc, char** argv) {
     } else fail("unknown option " + f + " (see --help)");
   }
   if (a.model.empty()) fail("--model DIR is required");
+  if (a.mlock && a.weights == "heap") fail("--mlock pins mapped weights; it does not apply to --weights heap");
   return a;
 }
 
@@ -125,6 +136,70 @@ std::string load_kernels(const std::string& given) {
   if (!dlopen(path.c_str(), RTLD_NOW | RTLD_GLOBAL))
     fail(path + ": cannot load the kernel library (" + dlerror() + ")");
   return path;
+}
+
+// --weights heap: the .ptd read once into anonymous memory, 2 MiB aligned and, where the kernel
+// offers transparent huge pages, advised to use them (a desktop's way of holding weights; the
+// default mmap keeps them as file-backed pages the OS may reclaim, as a phone must). The file's
+// page cache is dropped after the copy, so the weights are resident once, not twice.
+class HeapWeights {
+ public:
+  explicit HeapWeights(const std::string& path) {
+    const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) fail(path + ": cannot open (" + std::strerror(errno) + ")");
+    struct stat st {};
+    if (fstat(fd, &st) != 0) fail(path + ": cannot stat (" + std::strerror(errno) + ")");
+    size_ = static_cast<size_t>(st.st_size);
+    constexpr size_t kHuge = size_t{2} << 20;
+    mapped_ = size_ + kHuge;
+    base_ = mmap(nullptr, mapped_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base_ == MAP_FAILED)
+      fail("cannot reserve " + std::to_string(size_ >> 20) + " MiB for --weights heap (" +
+           std::strerror(errno) + "); use --weights mmap");
+    const auto start = (reinterpret_cast<uintptr_t>(base_) + kHuge - 1) & ~(kHuge - 1);
+    data_ = reinterpret_cast<uint8_t*>(start);
+#ifdef MADV_HUGEPAGE
+    madvise(data_, (size_ + kHuge - 1) & ~(kHuge - 1), MADV_HUGEPAGE);  // a hint; may be refused
+#endif
+    for (size_t done = 0; done < size_;) {
+      const ssize_t n = read(fd, data_ + done, std::min<size_t>(size_ - done, size_t{64} << 20));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) fail(path + ": read failed at byte " + std::to_string(done));
+      done += static_cast<size_t>(n);
+    }
+#ifdef POSIX_FADV_DONTNEED
+    posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+#endif
+    close(fd);
+  }
+  ~HeapWeights() { munmap(base_, mapped_); }
+  HeapWeights(const HeapWeights&) = delete;
+  HeapWeights& operator=(const HeapWeights&) = delete;
+  const uint8_t* data() const { return data_; }
+  size_t size() const { return size_; }
+
+ private:
+  void* base_ = nullptr;
+  uint8_t* data_ = nullptr;
+  size_t size_ = 0, mapped_ = 0;
+};
+
+// The program for `a.weights`: both files mapped (mlocked with --mlock), or the .pte mapped and
+// the .ptd served from `heap`.
+std::unique_ptr<Module> open_module(const Args& a, const std::string& pte, const std::string& ptd,
+                                    std::unique_ptr<HeapWeights>& heap) {
+  if (a.weights == "mmap") {
+    return std::make_unique<Module>(
+        pte, ptd, a.mlock ? Module::LoadMode::MmapUseMlockIgnoreErrors : Module::LoadMode::Mmap);
+  }
+  heap = std::make_unique<HeapWeights>(ptd);
+  auto program = executorch::extension::MmapDataLoader::from(
+      pte.c_str(), executorch::extension::MmapDataLoader::MlockConfig::NoMlock);
+  if (!program.ok()) fail("cannot map " + pte + ": " + error_text(program.error()));
+  return std::make_unique<Module>(
+      std::make_unique<executorch::extension::MmapDataLoader>(std::move(*program)), nullptr,
+      nullptr, nullptr,
+      std::make_unique<executorch::extension::BufferDataLoader>(heap->data(), heap->size()));
 }
 
 int64_t int_method(Module& m, const char* name) {
@@ -196,20 +271,26 @@ std::string json_string(const std::string& s) {
   return out + "\"";
 }
 
-// VmHWM (peak RSS), VmRSS, RssAnon, RssFile from /proc/self/status, in bytes.
+// VmHWM (peak RSS), VmRSS, RssAnon, RssFile from /proc/self/status and AnonHugePages (resident
+// transparent huge pages) from /proc/self/smaps_rollup, in bytes; a key the kernel lacks is left out.
 std::string rss_json() {
-  std::ifstream f("/proc/self/status");
-  std::string line, out;
-  for (const char* key : {"VmHWM", "VmRSS", "RssAnon", "RssFile"}) {
-    f.clear();
-    f.seekg(0);
-    while (std::getline(f, line)) {
-      if (line.rfind(std::string(key) + ":", 0) != 0) continue;
-      long long kb = std::atoll(line.c_str() + std::strlen(key) + 1);
-      out += (out.empty() ? "" : ",") + json_string(key) + ":" + std::to_string(kb * 1024);
-      break;
+  std::string out;
+  const auto read_keys = [&out](const char* file, std::initializer_list<const char*> keys) {
+    std::ifstream f(file);
+    std::string line;
+    for (const char* key : keys) {
+      f.clear();
+      f.seekg(0);
+      while (std::getline(f, line)) {
+        if (line.rfind(std::string(key) + ":", 0) != 0) continue;
+        long long kb = std::atoll(line.c_str() + std::strlen(key) + 1);
+        out += (out.empty() ? "" : ",") + json_string(key) + ":" + std::to_string(kb * 1024);
+        break;
+      }
     }
-  }
+  };
+  read_keys("/proc/self/status", {"VmHWM", "VmRSS", "RssAnon", "RssFile"});
+  read_keys("/proc/self/smaps_rollup", {"AnonHugePages"});
   return "{" + out + "}";
 }
 
@@ -226,8 +307,10 @@ int main(int argc, char** argv) {
   const std::string kernels = load_kernels(a.kernels);
 
   auto t0 = Clock::now();
-  // Mmap: weights stay file-backed pages (RssFile), as on a phone; --mlock pins them.
-  Module m(pte, ptd, a.mlock ? Module::LoadMode::MmapUseMlockIgnoreErrors : Module::LoadMode::Mmap);
+  // Mmap (default): weights stay file-backed pages (RssFile), as on a phone; --mlock pins them.
+  std::unique_ptr<HeapWeights> heap;
+  std::unique_ptr<Module> module = open_module(a, pte, ptd, heap);
+  Module& m = *module;
   if (Error e = m.load(); e != Error::Ok)
     fail("cannot load " + pte + " with " + ptd + ": " + error_text(e));
   const int64_t chunk = int_method(m, "get_max_seq_len");
@@ -282,7 +365,8 @@ int main(int argc, char** argv) {
     << ",\"threads\":" << pool->get_thread_count() << ",\"prompt_tokens\":" << n
     << ",\"gen_tokens\":" << a.gen_tokens << ",\"max_seq_len\":" << chunk
     << ",\"max_context\":" << context << ",\"vocab_size\":" << vocab
-    << ",\"mlock\":" << (a.mlock ? "true" : "false") << ",\"warmup_runs\":" << a.warmup
+    << ",\"mlock\":" << (a.mlock ? "true" : "false")
+    << ",\"weights\":" << json_string(a.weights) << ",\"warmup_runs\":" << a.warmup
     << ",\"runs\":[";
   for (size_t i = 0; i < runs.size(); ++i) {
     const Run& r = runs[i];
