@@ -105,7 +105,8 @@ Args parse(int argc, char** argv) {
     } else fail("unknown option " + f + " (see --help)");
   }
   if (a.model.empty()) fail("--model DIR is required");
-  if (a.mlock && a.weights == "heap") fail("--mlock pins mapped weights; it does not apply to --weights heap");
+  if (a.mlock && a.weights == "heap")
+    fail("--mlock pins mapped weights; it does not apply to --weights heap");
   return a;
 }
 

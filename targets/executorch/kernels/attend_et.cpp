@@ -1,13 +1,11 @@
 // ExecuTorch kernel for ossedge::attend.out (schema in targets/executorch/ops.py). Shapes and
 // dtypes are checked here; the math is in attend_core.cpp.
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
-#include <executorch/runtime/core/exec_aten/util/tensor_util.h>
 #include <executorch/runtime/kernel/kernel_includes.h>
-
-#include <initializer_list>
 
 #include "attend_core.h"
 #include "et_parallel.h"
+#include "et_tensors.h"
 
 namespace {
 
@@ -18,14 +16,10 @@ using executorch::runtime::KernelRuntimeContext;
 
 Tensor& attend_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
                    const Tensor& mask, const Tensor& sinks, Tensor& out) {
-  bool ok = true;
-  for (const Tensor* t : std::initializer_list<const Tensor*>{&q, &k, &v, &mask, &sinks, &out}) {
-    ok = ok && t->scalar_type() == ScalarType::Float &&
-         executorch::runtime::tensor_is_contiguous(*t);
-  }
-  ET_KERNEL_CHECK_MSG(ctx, ok, InvalidArgument, out,
+  const bool floats = ossedge::tensors_ok({&q, &k, &v, &mask, &sinks, &out}, ScalarType::Float);
+  ET_KERNEL_CHECK_MSG(ctx, floats, InvalidArgument, out,
                       "ossedge attend: every tensor must be float32 and contiguous");
-  ok = q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && mask.dim() == 2 && sinks.dim() == 2;
+  bool ok = q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && mask.dim() == 2 && sinks.dim() == 2;
   ok = ok && k.size(0) == q.size(0) && v.size(0) == q.size(0) && k.size(1) == v.size(1) &&
        k.size(2) == q.size(2) && v.size(2) == q.size(2) && mask.size(0) == q.size(1) &&
        mask.size(1) == k.size(1) && sinks.size(0) == q.size(0) && sinks.size(1) == q.size(1);

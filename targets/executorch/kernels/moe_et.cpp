@@ -1,12 +1,10 @@
 // ExecuTorch kernels for ossedge::moe_mxfp4.out and ossedge::moe_int4.out (schemas in
 // targets/executorch/ops.py). Shapes and dtypes are checked here; the math is in moe_core.cpp.
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
-#include <executorch/runtime/core/exec_aten/util/tensor_util.h>
 #include <executorch/runtime/kernel/kernel_includes.h>
 
-#include <initializer_list>
-
 #include "et_parallel.h"
+#include "et_tensors.h"
 #include "moe_core.h"
 
 namespace {
@@ -46,13 +44,9 @@ Tensor& moe_out(KernelRuntimeContext& ctx, ossedge::WeightFormat format, const T
                          out.scalar_type() == ScalarType::Float;
   ET_KERNEL_CHECK_MSG(ctx, ok_inputs, InvalidArgument, out,
                       "ossedge moe: x must be float [T, H], ids long [T, K], weights float [T, K]");
-  bool contiguous = true;
-  const std::initializer_list<const Tensor*> all = {&x,  &ids, &weights, &d1, &s1,
-                                                    &b1, &d2,  &s2,      &b2, &out};
-  for (const Tensor* t : all) {
-    contiguous = contiguous && executorch::runtime::tensor_is_contiguous(*t);
-  }
-  ET_KERNEL_CHECK_MSG(ctx, contiguous, InvalidArgument, out,
+  ET_KERNEL_CHECK_MSG(ctx,
+                      ossedge::tensors_ok({&x, &ids, &weights, &d1, &s1, &b1, &d2, &s2, &b2, &out}),
+                      InvalidArgument, out,
                       "ossedge moe: every tensor must be contiguous");
   ET_KERNEL_CHECK_MSG(ctx, weight_ok(d1, s1, b1, format, &a.gate_up) &&
                                weight_ok(d2, s2, b2, format, &a.down),
