@@ -1,7 +1,7 @@
 """The full-size benchmark: synthetic gpt-oss-20b → ExecuTorch artifact → `ossedge bench` on this
 machine (pybindings; the native runner with llama.cpp on the same weights as its peer, when
-llama-cpp-python is installed; the native runner under a memory limit; optionally the reference
-runtime) → `ossedge bench report`.
+llama-cpp-python is installed; the native runner with its weights in huge-page heap memory; the
+native runner under a memory limit; optionally the reference runtime) → `ossedge bench report`.
 
     python -m ossedge.benchmarks.full_20b [--ckpt out/gpt-oss-20b-synth] [--artifact out/20b-et]
         [--out out/bench-20b] [--prompt-lengths 128,512,1024] [--gen-tokens 16] [--runs 2]
@@ -57,6 +57,7 @@ def main() -> None:
     for name, extra in (
         ("et-pybindings", ["--runner", "pybindings"]),
         ("et-native", ["--runner", "native", *peer]),
+        ("et-native-heap", ["--runner", "native", "--weights", "heap"]),
         (f"et-native-{a.memory_limit}", ["--runner", "native", "--memory-limit", a.memory_limit]),
     ):
         path = out / f"{name}.json"

@@ -138,9 +138,11 @@ __attribute__((target("avx512f,f16c"))) void tile_avx512(
 #define OSSEDGE_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c")))
 
 // The four blocks' weight scales, each in its four lanes (of 128-bit lane k: block k's).
-OSSEDGE_VNNI inline __m512 quad_scales(const ExpertWeight& w, int64_t block, int blocks) {
+template <bool kFp4>
+OSSEDGE_VNNI __attribute__((always_inline)) inline __m512 quad_scales(const ExpertWeight& w,
+                                                                      int64_t block, int blocks) {
   const __mmask16 m = static_cast<__mmask16>((1u << blocks) - 1);
-  if (w.format == WeightFormat::kMxfp4) {
+  if constexpr (kFp4) {
     // the 4 E8M0 bytes in every dword, byte k zero-extended into 128-bit lane k's dwords, moved
     // to the float exponent: 2^(e - 127). (e = 0, 2^-127, becomes 0: no gpt-oss block has it,
     // and its weights would be below 1e-37.)
@@ -158,19 +160,26 @@ OSSEDGE_VNNI inline __m512 quad_scales(const ExpertWeight& w, int64_t block, int
         _mm512_set_epi32(pick(3), pick(3), pick(3), pick(3), pick(2), pick(2), pick(2), pick(2),
                          pick(1), pick(1), pick(1), pick(1), pick(0), pick(0), pick(0), pick(0));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_shuffle_epi8(e, spread), 23));
+  } else {
+    const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m128i h = _mm_maskz_loadu_epi16(m, static_cast<const uint16_t*>(w.scales) + block);
+    return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(h)));
   }
-  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-  const __m128i h = _mm_maskz_loadu_epi16(m, static_cast<const uint16_t*>(w.scales) + block);
-  return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(h)));
 }
+
+// How far ahead of the quad being read its weight bytes are prefetched. The hardware prefetcher
+// alone kept one core's decode at ~21 GB/s from memory here (AMD EPYC, Zen 5); 2 KiB ahead gave
+// ~24 GB/s on one core and brought two cores from ~31 to ~34 GB/s, next to the machine's ~36.
+constexpr int kPrefetchBytes = 2048;
 
 // One quad (up to four blocks) of a row into the M tokens' accumulators a[0..M).
 template <int M, bool kFp4>
 OSSEDGE_VNNI __attribute__((always_inline)) inline void quad_vnni(
-    const ExpertWeight& w, int64_t block, int blocks, int64_t quad, const QuantRow* const* x,
+    const ExpertWeight& w, int64_t block, int blocks, int64_t quad, const QuantRow* x,
     __m512* a) {
   const __m512i low = _mm512_set1_epi8(0x0f);
   const uint8_t* bytes = w.data + block * kBlockBytes;
+  _mm_prefetch(reinterpret_cast<const char*>(bytes) + kPrefetchBytes, _MM_HINT_T0);
   const __m512i b = blocks == kQuadBlocks
       ? _mm512_loadu_si512(bytes)
       : _mm512_maskz_loadu_epi8((1ull << (16 * blocks)) - 1, bytes);
@@ -182,9 +191,9 @@ OSSEDGE_VNNI __attribute__((always_inline)) inline void quad_vnni(
     lo = _mm512_shuffle_epi8(table, lo);
     hi = _mm512_shuffle_epi8(table, hi);
   }
-  const __m512 ws = quad_scales(w, block, blocks);
+  const __m512 ws = quad_scales<kFp4>(w, block, blocks);
   for (int j = 0; j < M; ++j) {
-    const QuantRow& xj = *x[j];
+    const QuantRow& xj = x[j];
     const int8_t* q = xj.q + quad * kQuadBytes;
     __m512i dot = _mm512_loadu_si512(xj.corr + quad * kQuadLanes);
     dot = _mm512_dpbusd_epi32(dot, lo, _mm512_loadu_si512(q));
@@ -199,22 +208,26 @@ OSSEDGE_VNNI void tile_vnni_format(const ExpertWeight& w, int64_t e, int64_t n0,
                                    const QuantRow* const* x, float* res) {
   const int64_t groups = w.cols / kBlock;
   const int64_t full = groups / kQuadBlocks;  // quads of four blocks
+  // local copies: the compiler need not reload them after every store to an accumulator
+  const ExpertWeight wl = w;
+  QuantRow xl[M];
+  for (int j = 0; j < M; ++j) xl[j] = *x[j];
   for (int r = 0; r < kRows; ++r) {
-    const int64_t first = first_block(w, e, n0 + r);
+    const int64_t first = first_block(wl, e, n0 + r);
     // two accumulators per token, taking alternate quads, keep the FMA chains short
     __m512 even[M], odd[M];
     for (int j = 0; j < M; ++j) even[j] = odd[j] = _mm512_setzero_ps();
     int64_t quad = 0;
     for (; quad + 1 < full; quad += 2) {
-      quad_vnni<M, kFp4>(w, first + quad * kQuadBlocks, kQuadBlocks, quad, x, even);
-      quad_vnni<M, kFp4>(w, first + (quad + 1) * kQuadBlocks, kQuadBlocks, quad + 1, x, odd);
+      quad_vnni<M, kFp4>(wl, first + quad * kQuadBlocks, kQuadBlocks, quad, xl, even);
+      quad_vnni<M, kFp4>(wl, first + (quad + 1) * kQuadBlocks, kQuadBlocks, quad + 1, xl, odd);
     }
     if (quad < full) {
-      quad_vnni<M, kFp4>(w, first + quad * kQuadBlocks, kQuadBlocks, quad, x, even);
+      quad_vnni<M, kFp4>(wl, first + quad * kQuadBlocks, kQuadBlocks, quad, xl, even);
       ++quad;
     }
     if (const int rest = static_cast<int>(groups - full * kQuadBlocks)) {
-      quad_vnni<M, kFp4>(w, first + quad * kQuadBlocks, rest, quad, x, odd);
+      quad_vnni<M, kFp4>(wl, first + quad * kQuadBlocks, rest, quad, xl, odd);
     }
     for (int j = 0; j < M; ++j) res[j * kRows + r] = hsum512(_mm512_add_ps(even[j], odd[j]));
   }
