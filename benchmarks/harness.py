@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ossedge.benchmarks.roofline import roofline
 from ossedge.runtime.errors import OssedgeError
 
 SCHEMA = "ossedge-bench/1"
@@ -190,11 +191,11 @@ def run_bench(
     settings = {"prompt_lengths": list(prompt_lengths), "gen_tokens": gen_tokens, "runs": runs,
                 "warmup": warmup, "threads": threads, "seed": seed, "weights": weights,
                 "memory_limit": memory_limit, "memory_limit_bytes": limit}
-    results = measure(
+    results, readings = _with_bandwidth(device, lambda: measure(
         transport, lambda n: _command(backend, runner, remote, n, settings, info["vocab_size"]),
         prompt_lengths, evict=[model], memory_limit=memory_limit, what=f"the {runner} runner",
         progress=progress,
-    )
+    ))
     return {
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -206,7 +207,30 @@ def run_bench(
         "versions": versions(),
         "settings": settings,
         "results": results,
+        "roofline": roofline(_bytes_per_token(model, info), readings),
     }
+
+
+def _with_bandwidth(device: str, run):
+    """run()'s value and the machine's read bandwidth (GB/s) read just before and just after it:
+    the machine's, so for local runs only (a phone's is not read over adb)."""
+    from ossedge.benchmarks.roofline import bandwidth_gbs
+
+    if device != "local":
+        return run(), []
+    before = bandwidth_gbs()
+    value = run()
+    return value, [before, bandwidth_gbs()]
+
+
+def _bytes_per_token(model: Path, info: dict[str, Any]) -> int | None:
+    """Weight bytes a decoded token reads in this ExecuTorch or ONNX artifact; None for a
+    checkpoint (the reference runtime computes in bf16/fp32 from whatever it stores)."""
+    from ossedge.benchmarks.roofline import decode_bytes
+
+    if info["format"] not in ("ossedge-executorch", "ossedge-onnx"):
+        return None  # a checkpoint, or a Core ML artifact (coreml_20b counts its own)
+    return decode_bytes(json.loads((model / "manifest.json").read_text()))
 
 
 def measure(transport, argv_for, prompt_lengths, *, evict: list[Path], memory_limit: str | None,
@@ -271,8 +295,9 @@ def run_peer(ours: dict[str, Any], *, gguf: str | Path, progress: bool = False) 
                 "--prompt-ids", ids, "--gen-tokens", str(st["gen_tokens"]), "--runs",
                 str(st["runs"]), "--warmup", str(st["warmup"]), "--threads", str(threads)]
 
-    results = measure(transport, argv, st["prompt_lengths"], evict=[gguf], memory_limit=limit,
-                      what="llama.cpp", progress=progress)
+    results, readings = _with_bandwidth("local", lambda: measure(
+        transport, argv, st["prompt_lengths"], evict=[gguf], memory_limit=limit,
+        what="llama.cpp", progress=progress))
     return {
         **{k: ours[k] for k in ("schema", "command", "device", "versions")},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -285,6 +310,8 @@ def run_peer(ours: dict[str, Any], *, gguf: str | Path, progress: bool = False) 
         # llama.cpp places its weights itself (mapped, repacked into the heap where it can)
         "settings": {**{k: v for k, v in st.items() if k != "weights"}, "threads": threads},
         "results": results,
+        # the same weights, so the same bytes per token
+        "roofline": roofline(ours.get("roofline", {}).get("bytes_per_token"), readings),
     }
 
 

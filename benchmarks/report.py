@@ -35,9 +35,26 @@ def load_results(paths: list[str | Path]) -> list[dict[str, Any]]:
     return out
 
 
+def _roofline_cell(d: dict[str, Any], decode_tok_s: float) -> str:
+    """"85% of 20.1": the decode speed as a share of what the bandwidth read around the runs
+    allows for this artifact's bytes per token ("—" where either is unknown)."""
+    top = (d.get("roofline") or {}).get("roofline_tok_s")
+    return f"{100 * decode_tok_s / top:.0f}% of {top:.1f}" if top else "—"
+
+
+def _roofline_note(d: dict[str, Any]) -> str:
+    r = d.get("roofline") or {}
+    if not r.get("bytes_per_token") or not r.get("bandwidth_gbs"):
+        return ""
+    readings = " → ".join(f"{b:.1f}" for b in r["bandwidth_gbs"])
+    return (f"; {r['bytes_per_token'] / GB:.2f} GB of weights read per decoded token, read "
+            f"bandwidth {readings} GB/s")
+
+
 def _table(sets: list[dict[str, Any]]) -> list[str]:
     rows = ["| run | prompt | load s | TTFT s | prefill tok/s | decode tok/s (min–max) | "
-            "peak RSS GB (heap + mapped) |", "|---|---:|---:|---:|---:|---:|---:|"]
+            "decode vs roofline tok/s | peak RSS GB (heap + mapped) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for d in sets:
         for r in d["results"]:
             rss = r.get("peak_rss_bytes")
@@ -47,7 +64,8 @@ def _table(sets: list[dict[str, Any]]) -> list[str]:
             rows.append(
                 f"| {label(d)} | {r['prompt_tokens']} | {r['load_s']:.2f} | "
                 f"{r['ttft_s']['median']:.3f} | {r['prefill_tok_s']['median']:.2f} | "
-                f"{dec['median']:.2f} ({dec['min']:.2f}–{dec['max']:.2f}) | {mem} |"
+                f"{dec['median']:.2f} ({dec['min']:.2f}–{dec['max']:.2f}) | "
+                f"{_roofline_cell(d, dec['median'])} | {mem} |"
             )
     return rows
 
@@ -134,9 +152,12 @@ def write_report(paths: list[str | Path], out: str | Path, *, force: bool = Fals
                 f"(context {art.get('max_context')}, manifest sha256 "
                 f"{(art.get('manifest_sha256') or '—')[:12]}); {d['settings']['runs']} runs "
                 f"after {d['settings']['warmup']} warm-up, {d['settings']['gen_tokens']} "
-                f"generated tokens; {d['created']}"
+                f"generated tokens; {d['created']}{_roofline_note(d)}"
             )
         lines += ["", *_table(sets), "",
+                  "Roofline: the decode speed the read bandwidth allows for the weight bytes one "
+                  "token reads (the best of the bandwidth readings taken just before and after "
+                  "each set's runs); decode on a CPU cannot beat it.", "",
                   "![decode tok/s vs context](decode_vs_context.png)", "",
                   "![time to first token vs prompt length](ttft_vs_prompt.png)", "",
                   "![peak memory](memory.png)", ""]

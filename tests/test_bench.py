@@ -31,6 +31,15 @@ def _check(result: dict, model: Path) -> None:
     if manifest.is_file():
         assert result["artifact"]["manifest_sha256"] == hashlib.sha256(
             manifest.read_bytes()).hexdigest()
+    roof = result["roofline"]
+    if result["device"]["transport"] == "local":
+        assert len(roof["bandwidth_gbs"]) == 2 and min(roof["bandwidth_gbs"]) > 0.1
+    else:
+        assert roof["bandwidth_gbs"] == [] and roof["roofline_tok_s"] is None
+    if manifest.is_file():  # an artifact: its bytes per token, some MB for the tiny model
+        assert 1e5 < roof["bytes_per_token"] < sum(f.stat().st_size for f in model.rglob("*"))
+    else:
+        assert roof["bytes_per_token"] is None and roof["roofline_tok_s"] is None
     assert result["versions"]["torch"] and result["device"]["transport"]
 
 
@@ -152,6 +161,12 @@ def test_report_renders_tables_and_plots(pybindings: dict, tmp_path: Path, tiny_
         assert series["x"] == [16, 40] and all(v > 0 for v in series["y"])
     md = (out / "report.md").read_text()
     assert md.count("| ") > 8 and "![decode tok/s vs context](decode_vs_context.png)" in md
+    et_row = next(x for x in md.splitlines() if "executorch/pybindings" in x and "| 16 |" in x)
+    top = pybindings["roofline"]["roofline_tok_s"]
+    share = 100 * pybindings["results"][0]["decode_tok_s"]["median"] / top
+    assert f"{share:.0f}% of {top:.1f}" in et_row
+    ref_row = next(x for x in md.splitlines() if "reference/python" in x and "| 16 |" in x)
+    assert "| — |" in ref_row  # a checkpoint: no bytes per token, no roofline
     bad = tmp_path / "bad.json"
     bad.write_text('{"schema": "something else"}')
     p = run("bench", "report", str(bad), "-o", str(tmp_path / "r2"))
