@@ -156,8 +156,10 @@ def write_report(paths: list[str | Path], out: str | Path, *, force: bool = Fals
             )
         lines += ["", *_table(sets), "",
                   "Roofline: the decode speed the read bandwidth allows for the weight bytes one "
-                  "token reads (the best of the bandwidth readings taken just before and after "
-                  "each set's runs); decode on a CPU cannot beat it.", "",
+                  "token reads, at the best of the bandwidth readings taken just before and just "
+                  "after each set's runs. Decode cannot beat the bandwidth it runs at; a share "
+                  "over 100% says the machine's bandwidth rose above both readings during the "
+                  "runs (a shared machine's moves).", "",
                   "![decode tok/s vs context](decode_vs_context.png)", "",
                   "![time to first token vs prompt length](ttft_vs_prompt.png)", "",
                   "![peak memory](memory.png)", ""]
