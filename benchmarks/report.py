@@ -47,8 +47,9 @@ def _roofline_note(d: dict[str, Any]) -> str:
     if not r.get("bytes_per_token") or not r.get("bandwidth_gbs"):
         return ""
     readings = " → ".join(f"{b:.1f}" for b in r["bandwidth_gbs"])
-    return (f"; {r['bytes_per_token'] / GB:.2f} GB of weights read per decoded token, read "
-            f"bandwidth {readings} GB/s")
+    n = r["bytes_per_token"]
+    size = f"{n / GB:.2f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB"
+    return f"; {size} of weights read per decoded token, read bandwidth {readings} GB/s"
 
 
 def _table(sets: list[dict[str, Any]]) -> list[str]:
