@@ -97,3 +97,14 @@ def test_arm64_neon_core_under_qemu(arm64: list[str], isa: str, kind: str, ids, 
     used, got = _run(arm64, data, tmp_path, "" if isa == "neondot" else isa)
     assert used == isa
     assert torch.allclose(got.view_as(want), want, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_bench_builds_and_refuses_bad_arguments(tmp_path: Path) -> None:
+    """moe_decode_bench (a full-size benchmark, not run here) compiles, and refuses bad input."""
+    exe = tmp_path / "moe_decode_bench"
+    subprocess.run(["g++", *FLAGS, "-I", str(KERNELS), str(KERNELS / "moe_decode_bench.cpp"),
+                    str(KERNELS / "moe_core.cpp"), "-o", str(exe), "-lpthread"], check=True)
+    p = subprocess.run([str(exe), "3"], capture_output=True, text=True)
+    assert p.returncode == 2 and "usage: moe_decode_bench" in p.stderr
+    p = subprocess.run([str(exe), "1", "8", "no-such-isa"], capture_output=True, text=True)
+    assert p.returncode == 1 and "no-such-isa path is not available" in p.stderr

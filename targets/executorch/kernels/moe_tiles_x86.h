@@ -167,9 +167,11 @@ OSSEDGE_VNNI __attribute__((always_inline)) inline __m512 quad_scales(const Expe
   }
 }
 
-// How far ahead of the quad being read its weight bytes are prefetched. The hardware prefetcher
-// alone kept one core's decode at ~21 GB/s from memory here (AMD EPYC, Zen 5); 2 KiB ahead gave
-// ~24 GB/s on one core and brought two cores from ~31 to ~34 GB/s, next to the machine's ~36.
+// How far ahead of the quad being read its weight bytes are prefetched. With the hardware
+// prefetcher alone, one-token calls read ~21 GB/s from memory on one core here (AMD EPYC, Zen 5)
+// and ~32 on two; 2 KiB ahead (with the arguments held in locals) gave ~22-24 and ~33-35, next
+// to the machine's ~36 (moe_decode_bench.cpp).
+// A prefetch never faults, so the ones past the last expert's bytes are harmless.
 constexpr int kPrefetchBytes = 2048;
 
 // One quad (up to four blocks) of a row into the M tokens' accumulators a[0..M).
