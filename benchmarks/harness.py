@@ -311,7 +311,7 @@ def run_peer(ours: dict[str, Any], *, gguf: str | Path, progress: bool = False) 
         "settings": {**{k: v for k, v in st.items() if k != "weights"}, "threads": threads},
         "results": results,
         # the same weights, so the same bytes per token
-        "roofline": roofline(ours.get("roofline", {}).get("bytes_per_token"), readings),
+        "roofline": roofline(ours["roofline"]["bytes_per_token"], readings),
     }
 
 

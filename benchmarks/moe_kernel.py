@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 E, H, I, K = 32, 2880, 2880, 4
@@ -85,13 +84,6 @@ def _cycling(fn, cases):
     return lambda: fn(*next(it))
 
 
-def read_bandwidth_gbs() -> float:
-    """Single-thread read bandwidth: summing a 1 GB array (numpy sums on one thread), best of 3."""
-    a = np.ones(1 << 28, dtype=np.float32)
-    best = min(_timed(a.sum, 1)[0] for _ in range(3))
-    return a.nbytes / best / 1e6
-
-
 def _program(layer: Layer):
     """The layer as an ExecuTorch program (T dynamic up to 512), loaded by the pybindings."""
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
@@ -147,7 +139,9 @@ def main() -> None:
                 row[f"{isa}_{threads}t_ms"] = round(ms, 2)
                 row[f"{isa}_{threads}t_max_err_rel_to_max"] = float(f"{float(err):.2e}")
         result["runs"][f"T{n}"] = row
-    bw = read_bandwidth_gbs()
+    from ossedge.targets.devices import measure_bandwidth
+
+    bw = measure_bandwidth(gb=1.0, threads=1) / 1e9
     result["read_bandwidth_gb_s"] = round(bw, 1)
     result["T1_roofline_ms"] = round(touched / bw / 1e6, 2)
     print(json.dumps(result, indent=2))

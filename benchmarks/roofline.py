@@ -10,47 +10,14 @@ GB = 1e9
 
 
 def decode_bytes(manifest: dict) -> int:
-    """Bytes of weights one decoded token reads, from the artifact's config and recipe."""
-    if manifest["format"] == "ossedge-onnx":
-        from ossedge.runtime.config import config_from_hf_dict
-        from ossedge.targets.memory import onnx_weights
-
-        cfg = config_from_hf_dict(manifest["config"])
-        w = onnx_weights(cfg, manifest["recipe"])
-        experts = w["experts"] * cfg.num_experts_per_tok // cfg.num_local_experts
-        return experts + w["linears"] + w["small"] + w["embedding"] // cfg.vocab_size
-    from ossedge.quantize.qtensor import stored_bytes
-    from ossedge.quantize.recipes import get_recipe
-    from ossedge.runtime.checkpoint import logical_tensors
+    """Weight bytes one decoded token reads in an ExecuTorch, ONNX or Core ML artifact, from its
+    manifest's config and recipe (the memory model's `decode_weight_bytes`; the KV cache aside)."""
     from ossedge.runtime.config import config_from_hf_dict
+    from ossedge.targets.memory import decode_weight_bytes
 
-    cfg = config_from_hf_dict(manifest["config"])
-    recipe = get_recipe(manifest["recipe"])
-    total = 0
-    for name, shape in logical_tensors(cfg):
-        if name.endswith(("_blocks", "_scales")):
-            continue
-        fmt = recipe.format_for(name, shape)
-        size = stored_bytes(fmt, shape) if fmt != "keep" else _numel(shape) * 2
-        if ".experts." in name and not name.endswith("_bias"):
-            size = size * cfg.num_experts_per_tok // cfg.num_local_experts
-        elif name == "model.embed_tokens.weight":
-            size = size // shape[0]  # one row
-        total += size
-    return total
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    target = manifest["format"].removeprefix("ossedge-")
+    return decode_weight_bytes(config_from_hf_dict(manifest["config"]), target,
+                               manifest["recipe"])
 
 
 def bandwidth_gbs() -> float:

@@ -245,17 +245,26 @@ def footprint(cfg: GptOssConfig, target: str, recipe: str, context: int, **kw) -
     raise ValueError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
 
 
-def decode_read_bytes(cfg: GptOssConfig, target: str, recipe: str, context: int) -> int:
-    """Bytes one decoded token reads: the k selected experts of every layer, all linear layers,
-    one embedding row, and the KV cache (the programs attend over every slot, masked)."""
+def decode_weight_bytes(cfg: GptOssConfig, target: str, recipe: str) -> int:
+    """Weight bytes one decoded token reads: the k selected experts of every layer (with their
+    biases), all linear layers and small tensors, one embedding row."""
     if target == "onnx":
-        w, kv = onnx_weights(cfg, recipe), onnx_kv_bytes(cfg, context)
+        w = onnx_weights(cfg, recipe)
     else:
         w = _weights(cfg, recipe, kept_bytes=4 if target == "executorch" else 2)
+    selected = w["experts"] + w["expert_biases"]
+    experts = selected * cfg.num_experts_per_tok // cfg.num_local_experts
+    return experts + w["linears"] + w["small"] + w["embedding"] // cfg.vocab_size
+
+
+def decode_read_bytes(cfg: GptOssConfig, target: str, recipe: str, context: int) -> int:
+    """Bytes one decoded token reads: its weights (`decode_weight_bytes`) and the KV cache (the
+    programs attend over every slot, masked)."""
+    if target == "onnx":
+        kv = onnx_kv_bytes(cfg, context)
+    else:
         kv = kv_cache_bytes(cfg, context, dtype_bytes=4 if target == "executorch" else 2)
-    experts = w["experts"] * cfg.num_experts_per_tok // cfg.num_local_experts
-    row = w["embedding"] // cfg.vocab_size
-    return experts + w["linears"] + w["small"] + row + kv
+    return decode_weight_bytes(cfg, target, recipe) + kv
 
 
 def program_arena_bytes(pte: str | Path) -> int:

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <memory>
 #include <random>
 #include <thread>
@@ -85,19 +86,21 @@ int main(int argc, char** argv) {
   std::vector<float> b1(E * 2 * I, 0.01f), b2(E * H, 0.01f), x(H), w(K, 0.25f), out(H);
   std::vector<int64_t> ids(K);
   for (float& v : x) v = static_cast<float>(rng() % 2001) / 1000.0f - 1.0f;
-  std::vector<std::vector<uint8_t>> bytes;
+  std::deque<std::vector<uint8_t>> bytes;  // a deque: adding one moves none of the others
   std::vector<MoeArgs> layers(L);
+  // A random MXFP4 weight [E, rows, cols]: any codes, scales near gpt-oss's (2^-9 .. 2^-4).
+  const auto weight = [&](int64_t rows, int64_t cols) {
+    std::vector<uint8_t>& codes = bytes.emplace_back(E * rows * cols / 2);
+    for (uint8_t& b : codes) b = static_cast<uint8_t>(rng());
+    std::vector<uint8_t>& scales = bytes.emplace_back(E * rows * cols / 32);
+    for (uint8_t& s : scales) s = static_cast<uint8_t>(118 + rng() % 6);
+    return ossedge::ExpertWeight{WeightFormat::kMxfp4, codes.data(), scales.data(), rows, cols};
+  };
   for (MoeArgs& a : layers) {
-    for (int64_t n : {E * 2 * I * H / 2, E * 2 * I * H / 32, E * H * I / 2, E * H * I / 32}) {
-      bytes.emplace_back(n);
-      const bool scales = n == E * 2 * I * H / 32 || n == E * H * I / 32;
-      for (uint8_t& b : bytes.back()) b = scales ? 118 + rng() % 6 : rng();
-    }
-    const size_t k = bytes.size() - 4;
     a.x = x.data(), a.ids = ids.data(), a.weights = w.data(), a.tokens = 1, a.topk = K;
     a.experts = E, a.hidden = H, a.intermediate = I, a.limit = 7.0f, a.alpha = 1.702f;
-    a.gate_up = {WeightFormat::kMxfp4, bytes[k].data(), bytes[k + 1].data(), 2 * I, H};
-    a.down = {WeightFormat::kMxfp4, bytes[k + 2].data(), bytes[k + 3].data(), H, I};
+    a.gate_up = weight(2 * I, H);
+    a.down = weight(H, I);
     a.gate_up_bias = b1.data(), a.down_bias = b2.data();
     a.parallel = threads > 1 ? two_threads : nullptr;
   }
