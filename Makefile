@@ -53,9 +53,11 @@ demo: install
 	$(BIN)/ossedge quantize $(MODEL) -o $(DEMO_DIR)/tiny-mobile --recipe mobile --force
 	$(BIN)/ossedge eval $(DEMO_DIR)/tiny-mobile --reference $(MODEL)
 	$(BIN)/ossedge generate $(DEMO_DIR)/tiny-mobile --prompt "class Stack:" --max-new-tokens 64 --temperature 0
-	$(BIN)/ossedge convert $(MODEL) --target executorch -o $(DEMO_DIR)/tiny-executorch --max-context 1024 --force
+	$(BIN)/ossedge profile-experts $(MODEL) -o $(DEMO_DIR)/tiny-profile.json --force
+	$(BIN)/ossedge convert $(MODEL) --target executorch -o $(DEMO_DIR)/tiny-executorch --max-context 1024 --expert-profile $(DEMO_DIR)/tiny-profile.json --force
 	$(BIN)/ossedge verify $(DEMO_DIR)/tiny-executorch --reference $(MODEL)
 	$(BIN)/ossedge generate $(DEMO_DIR)/tiny-executorch --prompt "class Stack:" --max-new-tokens 64 --temperature 0
+	$(BIN)/ossedge generate $(DEMO_DIR)/tiny-executorch --prompt "class Stack:" --max-new-tokens 64 --temperature 0 --expert-cache 2M
 	$(BIN)/ossedge convert $(MODEL) --target coreml -o $(DEMO_DIR)/tiny-coreml --max-context 1024 --force
 	$(BIN)/ossedge verify $(DEMO_DIR)/tiny-coreml --reference $(MODEL)
 	$(BIN)/ossedge convert $(MODEL) --target onnx -o $(DEMO_DIR)/tiny-onnx --max-context 1024 --force

@@ -2,6 +2,7 @@
 
     python -m ossedge.benchmarks.bench_child --backend reference|executorch|coreml|onnx --model DIR
         [--prompt-length N] [--gen-tokens N] [--runs R] [--warmup W] [--threads T] [--seed S]
+        [--expert-cache auto|off|SIZE]
 
 Loads the model once (timed), then per run prefills the same seeded random prompt and decodes
 greedily; prints one JSON object: load_s, runs [{ttft_s, prefill_s, decode_s, prefill_tok_s,
@@ -18,7 +19,7 @@ import sys
 import time
 
 
-def load(backend: str, model: str, threads: int | None = None):
+def load(backend: str, model: str, threads: int | None = None, expert_cache: str = "auto"):
     """(model, vocab size) with the reference runtime's generation contract."""
     if backend == "reference":
         import torch
@@ -34,18 +35,49 @@ def load(backend: str, model: str, threads: int | None = None):
         return m, m.config.vocab_size
     from ossedge.runtime.artifacts import open_artifact
 
-    m = open_artifact(model, engine="coreml" if backend == "coreml" else "auto")
+    from ossedge.runtime.expert_cache import parse_option
+
+    m = open_artifact(model, engine="coreml" if backend == "coreml" else "auto",
+                      expert_cache=parse_option(expert_cache))  # fmt: skip
     return m, m.config.vocab_size
+
+
+def read_bytes() -> int:
+    """Bytes this process read from storage (/proc/self/io: page faults and preads alike)."""
+    try:
+        for line in open("/proc/self/io"):
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def counters(model) -> dict:
+    """The native runner's per-phase counters: storage reads, major faults, expert cache."""
+    out = {"read_bytes": read_bytes(),
+           "major_faults": resource.getrusage(resource.RUSAGE_SELF).ru_majflt}  # fmt: skip
+    stats = getattr(model, "expert_cache_stats", lambda: None)()
+    if stats:
+        out.update(cache_hits=stats["hits"], cache_misses=stats["misses"],
+                   cache_read_bytes=stats["bytes_read"], cache_wait_s=stats["wait_ns"] * 1e-9)
+    return out
+
+
+def _delta(a: dict, b: dict) -> dict:
+    return {k: b[k] - a[k] for k in a}
 
 
 def one_run(model, ids, gen: int) -> dict:
     import torch
 
     cache = model.new_cache()
+    c0 = counters(model)
     t0 = time.perf_counter()
     logits = model(ids, cache=cache, last_only=True)
     tok = int(logits[0, -1].argmax())
     prefill = time.perf_counter() - t0
+    c1 = counters(model)
     tokens = [tok]
     t0 = time.perf_counter()
     for _ in range(gen - 1):
@@ -53,6 +85,7 @@ def one_run(model, ids, gen: int) -> dict:
         tok = int(logits[0, -1].argmax())
         tokens.append(tok)
     decode = time.perf_counter() - t0
+    c2 = counters(model)
     n = ids.shape[1]
     return {
         "ttft_s": prefill,
@@ -60,6 +93,8 @@ def one_run(model, ids, gen: int) -> dict:
         "decode_s": decode,
         "prefill_tok_s": n / prefill,
         "decode_tok_s": (gen - 1) / decode if gen > 1 else 0.0,
+        "prefill_io": _delta(c0, c1),
+        "decode_io": _delta(c1, c2),
         "tokens": tokens,
     }
 
@@ -74,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--expert-cache", default="auto", help="ExecuTorch: auto, off or a size")
     p.add_argument("--prompt-ids", default=None, help="Comma-separated prompt token ids "
                    "(instead of a seeded random prompt of --prompt-length)")
     a = p.parse_args(argv)
@@ -89,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
 
             portable_lib._unsafe_reset_threadpool(a.threads)
     t0 = time.perf_counter()
-    model, vocab = load(a.backend, a.model, a.threads)
+    model, vocab = load(a.backend, a.model, a.threads, a.expert_cache)
     load_s = time.perf_counter() - t0
     if a.prompt_ids:
         ids = torch.tensor([[int(x) for x in a.prompt_ids.split(",")]])
@@ -115,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
         "runs": runs,
         "rss": proc_status(),
         "major_faults": resource.getrusage(resource.RUSAGE_SELF).ru_majflt,
+        "expert_cache": {"option": a.expert_cache,
+                         "budget_bytes": getattr(model, "expert_cache_bytes", 0)},
     }))
 
 

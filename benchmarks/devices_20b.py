@@ -11,7 +11,7 @@ decodes `--gen` greedily, reporting decode tok/s, major page faults and RSS:
     the memory-mapped experts from disk as they are needed.
 The artifact's pages are evicted from the page cache before every run. Prints one JSON object
 with the memory model's prediction next to the measured peak RSS; `--save` writes the streaming
-runs to targets/data/streaming.json, which `ossedge plan` reports.
+runs (the expert-streaming numbers `ossedge plan` reports come from streaming_20b.py --save).
 """
 
 from __future__ import annotations
@@ -86,7 +86,6 @@ def main() -> None:
     p.add_argument("--limits", default="12G,8G")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--gen", type=int, default=32)
-    p.add_argument("--save", action="store_true", help="Write targets/data/streaming.json")
     a = p.parse_args()
 
     from ossedge.runtime.config import config_from_hf_dict
@@ -119,35 +118,6 @@ def main() -> None:
         result["predicted_vs_measured_anon"] = round(
             result["predicted"]["anon_gb"] / base["rss_anon_gb"] - 1, 3)
     print(json.dumps(result, indent=2))
-    if a.save:
-        save(result)
-
-
-def save(result: dict) -> None:
-    """targets/data/streaming.json: the memory-limited runs next to the unlimited one."""
-    import ossedge.targets as targets
-
-    unlimited = result["runs"]["unlimited"]["decode_tok_s"]
-    runs = [{"limit": "none", "decode_tok_s": unlimited, "slowdown": 1.0,
-             "major_faults_per_token": result["runs"]["unlimited"]["major_faults_per_token"]}]
-    for name, r in result["runs"].items():
-        if name in ("locked", "unlimited") or "decode_tok_s" not in r:
-            continue
-        runs.append({"limit": name, "decode_tok_s": r["decode_tok_s"],
-                     "slowdown": round(unlimited / r["decode_tok_s"], 2),
-                     "major_faults_per_token": r["major_faults_per_token"]})
-    out = {
-        "machine": f"Linux {platform.machine()}, {__import__('os').cpu_count()} CPUs, memory "
-                   "cgroup limits, local disk",
-        "date": time.strftime("%Y-%m-%d"),
-        "artifact": f"synthetic gpt-oss-20b, ExecuTorch, recipe {result['recipe']}, context "
-                    f"{result['max_context']}",
-        "command": "python -m ossedge.benchmarks.devices_20b --save",
-        "runs": runs,
-    }
-    path = Path(targets.__file__).parent / "data" / "streaming.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

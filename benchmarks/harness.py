@@ -112,6 +112,8 @@ def _command(backend: str, runner: str, remote: dict[str, str], n: int, a: dict,
               "--runs", str(a["runs"]), "--warmup", str(a["warmup"])]
     if a["threads"]:
         common += ["--threads", str(a["threads"])]
+    if backend == "executorch":
+        common += ["--expert-cache", a["expert_cache"]]
     if runner == "native":
         return [remote["runner"], "--model", remote["model"], "--kernels", remote["kernels"],
                 "--weights", a["weights"], *common]
@@ -134,6 +136,7 @@ def run_bench(
     seed: int = 0,
     runner_bin: str | Path | None = None,
     weights: str = "mmap",
+    expert_cache: str = "auto",
     progress: bool = False,
 ) -> dict[str, Any]:
     from ossedge.benchmarks.limits import parse_size
@@ -158,6 +161,17 @@ def run_bench(
     if weights != "mmap" and runner != "native":
         raise BenchError(f"--weights {weights} is a native runner mode (--backend executorch "
                          "--runner native); the other runners map the weights")
+    from ossedge.runtime.expert_cache import CacheOptionError, parse_option
+
+    try:
+        parse_option(expert_cache)
+    except CacheOptionError as e:
+        raise BenchError(str(e)) from None
+    if expert_cache != "auto" and backend != "executorch":
+        raise BenchError(f"--expert-cache is an ExecuTorch option; drop it for --backend {backend}")
+    if expert_cache not in ("auto", "off") and weights == "heap":
+        raise BenchError("--expert-cache reads experts from model.ptd; it does not apply to "
+                         "--weights heap")
     if backend == "coreml" and platform.system() != "Darwin":
         raise BenchError("Core ML predictions need macOS; on Linux check the artifact with "
                          "`ossedge verify` (the MIL interpreter) instead")
@@ -190,6 +204,7 @@ def run_bench(
     remote = transport.stage(files)
     settings = {"prompt_lengths": list(prompt_lengths), "gen_tokens": gen_tokens, "runs": runs,
                 "warmup": warmup, "threads": threads, "seed": seed, "weights": weights,
+                "expert_cache": expert_cache if backend == "executorch" else None,
                 "memory_limit": memory_limit, "memory_limit_bytes": limit}
     results, readings = _with_bandwidth(device, lambda: measure(
         transport, lambda n: _command(backend, runner, remote, n, settings, info["vocab_size"]),

@@ -46,8 +46,15 @@ def cli(debug: bool) -> None:
     show_default=True,
     help="Experts as released (MXFP4) or dequantized to bf16 (HF 'dequantize' layout).",
 )
+@click.option(
+    "--router-skew", is_flag=True,
+    help="Offset router biases so each layer's expert usage is skewed as in gpt-oss-20b's "
+    "published profiles (its top quarter of experts takes 43-79% of selections) instead of the "
+    "near-uniform routing of random weights.",
+)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def synth(out: Path, preset: str, seed: int, layout: str, experts: str, force: bool) -> None:
+def synth(out: Path, preset: str, seed: int, layout: str, experts: str, router_skew: bool,
+          force: bool) -> None:  # fmt: skip
     """Write a random-weight gpt-oss checkpoint in the exact released format to OUT."""
     from ossedge.runtime.synth import synthesize
 
@@ -57,10 +64,12 @@ def synth(out: Path, preset: str, seed: int, layout: str, experts: str, force: b
         seed=seed,
         layout=layout,
         expert_format=experts,
+        router_skew=router_skew,
         force=force,
         progress=_progress(),
     )
-    click.echo(f"wrote {preset} checkpoint ({layout} layout, {experts} experts) to {path}")
+    skew = ", skewed routing" if router_skew else ""
+    click.echo(f"wrote {preset} checkpoint ({layout} layout, {experts} experts{skew}) to {path}")
 
 
 @cli.command()
@@ -99,7 +108,7 @@ def _tokenizer_dir(ckpt: Path) -> Path:
     return root if (root / "tokenizer.json").exists() else root.parent
 
 
-def _load(ckpt: Path, dtype: str, *, verify: bool = False):
+def _load(ckpt: Path, dtype: str, *, verify: bool = False, expert_cache: str = "auto"):
     """(model, tokenizer) of a checkpoint, quantized checkpoint or artifact (ExecuTorch, or Core
     ML on macOS)."""
     from ossedge.runtime import load_model
@@ -108,7 +117,8 @@ def _load(ckpt: Path, dtype: str, *, verify: bool = False):
     from ossedge.runtime.tokenizer import Tokenizer
 
     if is_artifact(ckpt) or artifact_format(ckpt):
-        return open_artifact(ckpt, checksums=verify), Tokenizer.from_dir(ckpt)
+        return (open_artifact(ckpt, checksums=verify, expert_cache=_cache_option(expert_cache)),
+                Tokenizer.from_dir(ckpt))  # fmt: skip
     tokenizer = Tokenizer.from_dir(_tokenizer_dir(ckpt))
     return load_model(ckpt, dtype=_dtype(dtype), verify=verify), tokenizer
 
@@ -123,6 +133,24 @@ sampling_options = [
 ]
 
 
+EXPERT_CACHE_HELP = (
+    "ExecuTorch artifacts: read experts through a cache of this many bytes of anonymous memory "
+    "(e.g. 6G), off (the memory-mapped model.ptd), or auto: off where the artifact fits in this "
+    "process's memory limit, else a cache of the limit minus the resident rest.")
+expert_cache_option = click.option("--expert-cache", default="auto", show_default=True,
+                                   help=EXPERT_CACHE_HELP)
+
+
+def _cache_option(value: str):
+    from ossedge.runtime.expert_cache import CacheOptionError, parse_option
+
+    try:
+        return parse_option(value)
+    except CacheOptionError as e:
+        raise click.BadParameter(str(e).removeprefix("--expert-cache "),
+                                 param_hint="--expert-cache") from None  # fmt: skip
+
+
 def with_sampling(f):
     for option in reversed(sampling_options):
         f = option(f)
@@ -133,7 +161,9 @@ def with_sampling(f):
 @click.argument("ckpt", type=click.Path(path_type=Path), required=False)
 @click.option("--prompt", required=True, help="Text to continue.")
 @with_sampling
-def generate(ckpt, prompt, max_new_tokens, temperature, top_p, top_k, seed, dtype) -> None:
+@expert_cache_option
+def generate(ckpt, prompt, max_new_tokens, temperature, top_p, top_k, seed, dtype,
+             expert_cache) -> None:
     """Continue PROMPT with the reference runtime, streaming the text to stdout.
 
     CKPT is a checkpoint, quantized checkpoint or ExecuTorch artifact directory; without it, the
@@ -142,7 +172,7 @@ def generate(ckpt, prompt, max_new_tokens, temperature, top_p, top_k, seed, dtyp
 
     ckpt = _model_path(ckpt)
     sampler = _sampler(temperature, top_k, top_p, seed)
-    model, tok = _load(ckpt, dtype)
+    model, tok = _load(ckpt, dtype, expert_cache=expert_cache)
     prompt_ids = tok.encode(prompt)
     if not prompt_ids:
         raise click.BadParameter("the prompt is empty", param_hint="--prompt")
@@ -174,9 +204,10 @@ def generate(ckpt, prompt, max_new_tokens, temperature, top_p, top_k, seed, dtyp
 @click.option("--show-reasoning", is_flag=True, help="Also print the analysis channel (dimmed).")
 @click.option("--system", "instructions", default=None, help="Developer instructions.")
 @with_sampling
+@expert_cache_option
 def chat(
     ckpt, reasoning_effort, show_reasoning, instructions, max_new_tokens, temperature, top_p,
-    top_k, seed, dtype,
+    top_k, seed, dtype, expert_cache,
 ) -> None:
     """Chat in the harmony format. One user message per line; Ctrl-D or /exit ends.
 
@@ -187,7 +218,7 @@ def chat(
 
     ckpt = _model_path(ckpt)
     sampler = _sampler(temperature, top_k, top_p, seed)
-    model, tok = _load(ckpt, dtype)
+    model, tok = _load(ckpt, dtype, expert_cache=expert_cache)
     interactive = sys.stdin.isatty()
     messages: list[Message] = []
     if instructions:
@@ -363,10 +394,15 @@ def eval_(model, reference, text, window, max_tokens, dtype, as_json) -> None:
     help="Size the artifact for a device profile (see `ossedge plan`): pick the recipe and "
     "context that fit it, refuse (exit 4) what cannot fit.",
 )
+@click.option(
+    "--expert-profile", type=click.Path(path_type=Path), default=None,
+    help="executorch only: a routing profile (`ossedge profile-experts`) to embed; the expert "
+    "cache pins the experts it selects most.",
+)
 @click.option("--force", is_flag=True,
               help="Replace OUT if it exists; with --device, build even what does not fit.")
 def convert(ckpt, out, target, recipe, deployment_target, chunk_mb, max_context, max_prefill,
-            verify_tokens, device_name, force) -> None:
+            verify_tokens, device_name, expert_profile, force) -> None:
     """Convert CKPT into a deployable artifact directory OUT, then verify it against CKPT.
 
     executorch: model.pte (program; forward(tokens[1,T], input_pos[1]) -> logits of the last
@@ -380,6 +416,8 @@ def convert(ckpt, out, target, recipe, deployment_target, chunk_mb, max_context,
     onnx: model.onnx (GroupQueryAttention, QMoE, MatMulNBits) + model.onnx.data (all weights) +
     genai_config.json (onnxruntime-genai) + tokenizer.json + manifest.json."""
     option = None
+    if expert_profile is not None and target != "executorch":
+        raise click.UsageError("--expert-profile applies to --target executorch only")
     if device_name is not None and target == "onnx":
         raise click.UsageError("--device plans the executorch and coreml targets; drop it for onnx")
     if device_name is not None:
@@ -407,13 +445,20 @@ def convert(ckpt, out, target, recipe, deployment_target, chunk_mb, max_context,
                      progress=_progress(), verify_tokens=verify_tokens)
         where = f"onnx, {m['experts']['bits']}-bit QMoE experts"
     else:
+        from ossedge.runtime.checkpoint import open_checkpoint
+        from ossedge.runtime.profile import read_profile
         from ossedge.targets.executorch.export import convert as run
 
+        profile = None
+        if expert_profile is not None:
+            cfg = open_checkpoint(ckpt).config
+            profile = read_profile(expert_profile, layers=cfg.num_hidden_layers,
+                                   experts=cfg.num_local_experts)  # fmt: skip
         m = run(
             ckpt, out, recipe=recipe, max_context=max_context, max_prefill=max_prefill,
-            force=force, progress=_progress(), verify_tokens=verify_tokens,
+            force=force, progress=_progress(), verify_tokens=verify_tokens, profile=profile,
         )
-        where = "executorch"
+        where = "executorch" + (", with a routing profile" if profile else "")
     if option is not None:
         _record_plan(out, m, option, device_name)
     size = sum(f["bytes"] for f in m["files"].values())
@@ -463,6 +508,56 @@ def _record_plan(out: Path, manifest: dict, option, device_name: str) -> None:
     tmp = out / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, out / "manifest.json")
+
+
+@cli.command(name="profile-experts")
+@click.argument("model", type=click.Path(path_type=Path), required=False)
+@click.option("--text", type=click.Path(path_type=Path), default=None,
+              help="UTF-8 text to route [default: the packaged held-out evaluation text].")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=4096, show_default=True)
+@click.option("--window", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Tokens per forward pass (each window from its own start).")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True)
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True)
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+def profile_experts(model, text, max_tokens, window, dtype, out, force) -> None:
+    """Count how often each layer's router selects each expert over a text, with the reference
+    runtime, into PROFILE.json (for `convert --expert-profile` and `ossedge plan`).
+
+    MODEL is a checkpoint or quantized checkpoint; without it, the bundled tiny trained model."""
+    from ossedge.runtime.atomic import write_json
+    from ossedge.runtime.errors import OutputExistsError
+    from ossedge.runtime.evaluate import default_text
+    from ossedge.runtime.profile import make_profile, profile_experts as run
+
+    model = _model_path(model)
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} already exists; pass --force to replace it")
+    if text is None:
+        body, label = default_text()
+    else:
+        try:
+            body, label = text.read_text("utf-8"), str(text)
+        except (OSError, UnicodeDecodeError) as e:
+            raise click.BadParameter(f"cannot read {text} as UTF-8 text ({e})", param_hint="--text")
+    from ossedge.runtime.model import GptOssModel
+
+    mdl, tok = _load(model, dtype)
+    if not isinstance(mdl, GptOssModel):
+        raise click.BadParameter(f"{model} is an artifact; profile the checkpoint it was made from",
+                                 param_hint="MODEL")  # fmt: skip
+    ids = tok.encode(body)[:max_tokens]
+    if not ids:
+        raise click.BadParameter(f"{label} has no tokens", param_hint="--text")
+    counts = run(mdl, ids, window=window, progress=_progress())
+    p = make_profile(counts, top_k=mdl.config.num_experts_per_tok, tokens=len(ids), text=label)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, p)
+    share = p["top_quarter_share"]
+    click.echo(f"wrote {out}: {len(ids)} tokens of {label}, {p['layers']} layers × "
+               f"{p['experts']} experts; a layer's most selected quarter of experts takes "
+               f"{min(share):.0%}–{max(share):.0%} of its selections (median "
+               f"{sorted(share)[len(share) // 2]:.0%}; uniform routing 25%)")
 
 
 @cli.command()

@@ -61,6 +61,10 @@ def _lengths(ctx, param, value: str | None) -> tuple[int, ...] | None:
 @click.option("--weights", type=click.Choice(["mmap", "heap"]), default="mmap", show_default=True,
               help="Native runner: keep model.ptd as mapped file pages (reclaimable, as on a "
               "phone) or read it into anonymous memory with transparent huge pages (a desktop).")
+@click.option("--expert-cache", default="auto", show_default=True,
+              help="ExecuTorch: read experts through a cache of this many bytes of anonymous "
+              "memory (e.g. 6G), off (the memory-mapped model.ptd), or auto: off where the "
+              "artifact fits the memory limit, else the limit minus the resident rest.")
 @click.option("--peer", type=click.Choice(["llama.cpp"]), default=None,
               help="Then run llama.cpp (llama-cpp-python, `pip install llama-cpp-python`) on the "
               "same weights as a GGUF, same prompts and threads → OUTPUT's name + .llama-cpp.json.")
@@ -70,7 +74,7 @@ def _lengths(ctx, param, value: str | None) -> tuple[int, ...] | None:
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True)
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 def run(model, backend, runner, device, prompt_lengths, gen_tokens, runs, warmup, threads,
-        memory_limit, runner_bin, weights, peer, peer_gguf, out, force) -> None:
+        memory_limit, runner_bin, weights, expert_cache, peer, peer_gguf, out, force) -> None:
     """Measure MODEL: load time, time to first token, prefill and decode tok/s (median and
     spread over --runs), peak RSS (heap and file-backed), per prompt length → OUTPUT (JSON)."""
     from ossedge.benchmarks.harness import BenchError, run_bench, run_peer
@@ -89,7 +93,7 @@ def run(model, backend, runner, device, prompt_lengths, gen_tokens, runs, warmup
     r = run_bench(model, backend=backend, runner=runner, device=device, runner_bin=runner_bin,
                   prompt_lengths=prompt_lengths, gen_tokens=gen_tokens, runs=runs,
                   warmup=warmup, threads=threads, memory_limit=memory_limit, weights=weights,
-                  progress=progress)
+                  expert_cache=expert_cache, progress=progress)
     _write(out, r)
     if peer:
         _write(peer_out, run_peer(r, gguf=peer_gguf or out.with_suffix(".gguf"),

@@ -21,7 +21,8 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f}"
 
 
-def format_plan(device, label: str, cfg, options, streaming: dict | None) -> str:
+def format_plan(device, label: str, cfg, options, streaming: dict | None,
+                routing: str = "uniform routing") -> str:  # fmt: skip
     d = device
     context = options[0].footprint.context if options else "-"
     lines = [
@@ -49,18 +50,29 @@ def format_plan(device, label: str, cfg, options, streaming: dict | None) -> str
         "weights memory-mapped from the artifact (paged from flash when RAM is short). fits:",
         "resident = everything stays in RAM; streaming = the experts are paged from flash;",
         "max context: the largest that fits resident, and streaming; decode ≤: the speed ceiling",
-        "from memory bandwidth (and flash reads when streaming).",
+        "from memory bandwidth (and, when streaming, the expert cache's reads from flash).",
+        "",
     ]
+    for o in options:
+        if o.streaming:
+            st = o.streaming
+            lines.append(
+                f"streaming {o.target} {o.recipe}: an expert cache of {st['cache_bytes'] / 1e9:.2f}"
+                f" GB ({st['slots']} experts) serves {st['hit_rate']:.0%} of selections "
+                f"({routing}); {st['misses_per_token']:.1f} experts read per token")
     if any(o.fits == "streaming" for o in options) and streaming:
+        from ossedge.targets.plan import predicted_rows
+
         lines.append("")
         lines.append(f"streaming measured ({streaming['machine']}, {streaming['date']}, "
-                     f"{streaming['artifact']}):")
-        for run in streaming["runs"]:
+                     f"{streaming['artifact']}; unconstrained "
+                     f"{streaming['unconstrained_decode_tok_s']:.2f} tok/s), beside the model:")
+        for r in predicted_rows(streaming):
             lines.append(
-                f"  memory limit {run['limit']:<10} decode {run['decode_tok_s']:.2f} tok/s "
-                f"({run['slowdown']:.2f}× slower than unlimited), "
-                f"{run['major_faults_per_token']:.0f} major page faults per token"
-            )
+                f"  memory limit {r['limit_gib']:>2} GiB: decode measured {r['measured_tok_s']:.2f}"
+                f" tok/s, predicted {r['predicted_tok_s']:.2f}; hit rate measured "
+                f"{r['measured_hit_rate']:.0%}, predicted {r['predicted_hit_rate']:.0%} "
+                f"(disk {r['disk_read_gbps']:.2f} GB/s)")
     return "\n".join(lines)
 
 
@@ -73,8 +85,11 @@ def format_plan(device, label: str, cfg, options, streaming: dict | None) -> str
 @click.option("--model", type=click.Path(path_type=Path), default=None,
               help="Checkpoint, artifact (then its target, recipe and context) or config.json "
               "[default: gpt-oss-20b].")
+@click.option("--expert-profile", type=click.Path(path_type=Path), default=None,
+              help="A routing profile (`ossedge profile-experts`) for the expert cache's hit rate "
+              "[default: an artifact's own, else uniform routing].")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plan(device_name, target, recipe, context, model, as_json) -> None:
+def plan(device_name, target, recipe, context, model, expert_profile, as_json) -> None:
     """What fits DEVICE: every target and recipe it runs, with predicted memory, the largest
     context that fits, and the decode speed ceiling. Exit 4 when nothing fits."""
     from ossedge.runtime.errors import BudgetError
@@ -90,8 +105,18 @@ def plan(device_name, target, recipe, context, model, as_json) -> None:
     if context is not None and context > cfg.max_position_embeddings:
         raise click.BadParameter(f"{context} is more than the model's "
                                  f"{cfg.max_position_embeddings} positions", param_hint="--context")
+    frequencies, routing = None, "uniform routing"
+    if expert_profile is not None:
+        from ossedge.runtime.profile import read_profile
+
+        frequencies = read_profile(expert_profile, layers=cfg.num_hidden_layers,
+                                   experts=cfg.num_local_experts)["frequencies"]  # fmt: skip
+        routing = f"profile {expert_profile}"
+    elif built.get("frequencies"):
+        frequencies, routing = built["frequencies"], "the artifact's routing profile"
     options = make_plan(device, cfg, targets=(target,) if target else TARGETS,
-                        recipes=(recipe,) if recipe else None, context=context)
+                        recipes=(recipe,) if recipe else None, context=context,
+                        frequencies=frequencies)  # fmt: skip
     if not options:
         raise BudgetError(f"{device.name} runs none of the requested targets ({target}); "
                           f"it runs: {', '.join(t for t in TARGETS if device.runs(t))}")
@@ -101,7 +126,7 @@ def plan(device_name, target, recipe, context, model, as_json) -> None:
                                "options": [o.to_dict() for o in options],
                                "streaming_measured": streaming}, indent=2))
     else:
-        click.echo(format_plan(device, label, cfg, options, streaming))
+        click.echo(format_plan(device, label, cfg, options, streaming, routing))
     if all(o.fits == "no" for o in options):
         raise BudgetError(f"nothing fits {device.name}'s app budget of {device.app_budget_gb} GB "
                           "at this context; try a smaller --context")

@@ -24,7 +24,7 @@ def artifact_format(path: str | Path) -> str | None:
             "ossedge-onnx": "onnx"}.get(fmt)
 
 
-def read_manifest(root: Path, *, fmt: str, what: str, contract: int,
+def read_manifest(root: Path, *, fmt: str, what: str, contract: int | tuple[int, ...],
                   files: tuple[str, ...] | None = None, checksums: bool = False,
                   error: type[ArtifactError] = ArtifactError) -> dict:
     """An artifact's manifest.json, after checking its format (`fmt`, e.g. "ossedge-onnx"), its
@@ -41,10 +41,11 @@ def read_manifest(root: Path, *, fmt: str, what: str, contract: int,
         raise error(f"{file}: unreadable ({e}); convert the model again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != fmt:
         raise error(f"{file}: not an ossedge {what} artifact manifest")
-    if manifest.get("contract_version") != contract:
+    contracts = contract if isinstance(contract, tuple) else (contract,)
+    if manifest.get("contract_version") not in contracts:
         raise error(
             f"{root}: artifact contract version {manifest.get('contract_version')}, this ossedge "
-            f"reads {contract}; convert the model again with this version"
+            f"reads {' and '.join(map(str, contracts))}; convert the model again with this version"
         )
     listed = manifest.get("files", {})
     for name in files if files is not None else tuple(listed):
@@ -65,9 +66,10 @@ def read_manifest(root: Path, *, fmt: str, what: str, contract: int,
     return manifest
 
 
-def open_artifact(root: str | Path, *, checksums: bool = False, engine: str = "auto"):
+def open_artifact(root: str | Path, *, checksums: bool = False, engine: str = "auto",
+                  expert_cache: str | int = "auto"):  # fmt: skip
     """The artifact's model (ExecuTorchModel, CoreMLModel or OnnxModel; `engine` applies to Core
-    ML)."""
+    ML, `expert_cache` (auto, off or bytes; see ossedge.runtime.expert_cache) to ExecuTorch)."""
     kind = artifact_format(root)
     if kind == "onnx":
         from ossedge.runtime.onnx import OnnxModel
@@ -79,7 +81,7 @@ def open_artifact(root: str | Path, *, checksums: bool = False, engine: str = "a
         return CoreMLModel(root, engine=engine, checksums=checksums)
     from ossedge.runtime.executorch import ExecuTorchModel
 
-    return ExecuTorchModel(root, checksums=checksums)
+    return ExecuTorchModel(root, checksums=checksums, expert_cache=expert_cache)
 
 
 def check_call(input_ids: torch.Tensor, cache, kind: str) -> int:

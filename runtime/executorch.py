@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ossedge.runtime import expert_cache
 from ossedge.runtime.errors import ArtifactError, KernelError
 
 LIBRARY = "libossedge_kernels.so"
@@ -46,6 +47,39 @@ def _stderr_to(path: Path) -> Iterator[None]:
         sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
+@contextlib.contextmanager
+def _no_memory_lock() -> Iterator[None]:
+    """Without the memory-lock capability while inside (Linux): the pybindings load model.ptd with
+    mlock, which, for a root process, would read and pin every expert the cache is there to keep
+    on disk. Unprivileged processes (and apps) are held to RLIMIT_MEMLOCK anyway."""
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]  # fmt: skip
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    head, data = Header(0x20080522, 0), (Data * 2)()  # _LINUX_CAPABILITY_VERSION_3
+    ipc_lock = 1 << 14  # CAP_IPC_LOCK
+    if libc.capget(ctypes.byref(head), data) != 0 or not data[0].effective & ipc_lock:
+        yield
+        return
+    saved = data[0].effective
+    data[0].effective &= ~ipc_lock
+    dropped = libc.capset(ctypes.byref(head), data) == 0
+    try:
+        yield
+    finally:
+        if dropped:
+            data[0].effective = saved
+            libc.capset(ctypes.byref(head), data)
+
+
 ENV_VAR = "OSSEDGE_KERNELS"
 ISAS = ("avx512vnni", "avx512", "avx2", "neon", "scalar")
 
@@ -78,6 +112,10 @@ def _loaded() -> tuple[ctypes.CDLL, Path]:
         ) from None
     lib.ossedge_moe_isa.restype = ctypes.c_char_p
     lib.ossedge_moe_set_isa.argtypes = [ctypes.c_char_p]
+    if not hasattr(lib, "ossedge_expert_cache_open"):
+        raise KernelError(f"{path}: an older kernel library without the expert cache; rebuild it "
+                          "with `make install`")  # fmt: skip
+    expert_cache.bind(lib)
     return lib, path
 
 
@@ -104,7 +142,9 @@ def set_kernel_isa(isa: str) -> None:
 # Artifacts: model.pte + model.ptd + tokenizer.json + manifest.json (see README, "ExecuTorch").
 
 ARTIFACT_FORMAT = "ossedge-executorch"
-SUPPORTED_CONTRACT = 1
+# 1: four stacked expert tensors per layer; 2: one packed tensor per layer (an expert cache can
+# read each expert with one pread). Both run.
+SUPPORTED_CONTRACT = (1, 2)
 FILES = ("model.pte", "model.ptd", "tokenizer.json")
 # Largest relative logits error |Δ|₂/|ref|₂ of any step, against the reference with the same
 # recipe and the kernels' int8 expert inputs. With float linear layers (recipe native) the program
@@ -132,8 +172,11 @@ def read_artifact_manifest(root: Path, *, checksums: bool = False) -> dict:
 
 
 def _last_error_line(log: str) -> str:
+    """The line that says what failed: the ossedge kernels' own message where they logged one
+    (ExecuTorch's generic "failed to execute" follows it), else the last line."""
     lines = [ln.strip() for ln in log.splitlines() if ln.strip() and "cpuinfo" not in ln]
-    return lines[-1] if lines else ""
+    ours = [ln[ln.index("ossedge "):] for ln in lines if "ossedge moe:" in ln]
+    return ours[-1] if ours else lines[-1] if lines else ""
 
 
 class _Cursor:
@@ -156,7 +199,9 @@ class ExecuTorchModel:
     Prompts longer than the program's prefill length are fed in chunks. One conversation at a
     time: `new_cache()` restarts at position 0 (the program's caches are overwritten in order)."""
 
-    def __init__(self, root: str | Path, *, checksums: bool = False) -> None:
+    def __init__(
+        self, root: str | Path, *, checksums: bool = False, expert_cache: str | int = "auto"
+    ) -> None:
         quiet_imports()
         from ossedge.targets.executorch.ptd import read_index
 
@@ -164,13 +209,15 @@ class ExecuTorchModel:
         self.manifest = read_artifact_manifest(self.root, checksums=checksums)
         read_index(self.root / "model.ptd")  # a clear error for a corrupt data file
         self.kernels = load_kernels()
+        self.expert_cache_bytes = self._open_cache(expert_cache_option(expert_cache))
         from executorch.extension.pybindings import portable_lib
 
         # ExecuTorch logs CPU probing at load; keep it, and show it only when loading fails.
         with tempfile.TemporaryDirectory() as d:
             log = Path(d) / "load.log"
+            lock = _no_memory_lock() if self.expert_cache_bytes else contextlib.nullcontext()
             try:
-                with _stderr_to(log):
+                with _stderr_to(log), lock:
                     self.program = portable_lib._load_for_executorch(
                         str(self.root / "model.pte"), data_path=str(self.root / "model.ptd")
                     )
@@ -184,10 +231,28 @@ class ExecuTorchModel:
                     f"{self.root}: ExecuTorch cannot load model.pte with model.ptd ({detail}); "
                     "the files are corrupt or do not belong together — convert again"
                 ) from None
+        if self.expert_cache_bytes:
+            _loaded()[0].ossedge_expert_cache_reset_stats()
         m = self.manifest
         self.max_prefill = int(m["max_prefill"])
         self.max_context = int(m["max_context"])
         self.config = _Config(self.max_context, int(m["methods"]["get_vocab_size"]))
+
+    def _open_cache(self, option: str | int) -> int:
+        """Open (or close) the process's expert cache for this artifact; returns its budget."""
+        lib = _loaded()[0]
+        m = self.manifest
+        total = sum(f["bytes"] for f in m["files"].values())
+        budget = expert_cache.resolve(option, m, rest=resident_rest(m), total=total)
+        if budget:
+            expert_cache.open_cache(lib, self.root / "model.ptd", budget)
+        else:
+            lib.ossedge_expert_cache_close()
+        return budget
+
+    def expert_cache_stats(self) -> dict[str, int] | None:
+        """The expert cache's counters (hits, misses, bytes_read, …), or None when it is off."""
+        return expert_cache.stats(_loaded()[0]) if self.expert_cache_bytes else None
 
     def new_cache(self, *, batch_size: int = 1, max_context: int | None = None) -> _Cursor:
         if batch_size != 1:
@@ -196,10 +261,22 @@ class ExecuTorchModel:
 
     def forward_chunk(self, ids: torch.Tensor, position: int) -> torch.Tensor:
         """Run `forward` once: ids [1, T ≤ max_prefill] at `position` → logits [V] (float32)."""
-        try:
-            out = self.program.forward((ids, torch.tensor([position], dtype=torch.long)))
-        except RuntimeError as e:
-            raise ArtifactError(f"{self.root}: forward failed ({e})") from None
+        args = (ids, torch.tensor([position], dtype=torch.long))
+        if not self.expert_cache_bytes:
+            try:
+                return self.program.forward(args)[0].reshape(-1)
+            except RuntimeError as e:
+                raise ArtifactError(f"{self.root}: forward failed ({e})") from None
+        # With the cache, a failed read (I/O error, damaged extent) is logged by the kernel:
+        # catch that line for the error.
+        with tempfile.TemporaryDirectory() as d:
+            log = Path(d) / "forward.log"
+            try:
+                with _stderr_to(log):
+                    out = self.program.forward(args)
+            except RuntimeError as e:
+                detail = _last_error_line(log.read_text(errors="replace")) or str(e)
+                raise ArtifactError(f"{self.root}: forward failed: {detail}") from None
         return out[0].reshape(-1)
 
     def __call__(
@@ -213,3 +290,19 @@ class ExecuTorchModel:
             logits = self.forward_chunk(ids[:, a : a + self.max_prefill], cache.position)
             cache.position += min(self.max_prefill, t - a)
         return logits[None, None]
+
+
+def expert_cache_option(value: str | int | None) -> str | int:
+    return expert_cache.parse_option(value)
+
+
+def resident_rest(manifest: dict) -> int:
+    """What this process holds besides the experts with the artifact loaded (the memory model's
+    anonymous parts for a Python host, and its library pages)."""
+    from ossedge.runtime.config import config_from_hf_dict
+    from ossedge.targets.memory import executorch_footprint
+
+    f = executorch_footprint(config_from_hf_dict(manifest["config"]), manifest["recipe"],
+                             int(manifest["max_context"]), max_prefill=int(manifest["max_prefill"]),
+                             host="python")  # fmt: skip
+    return f.anon + f.part("libraries")

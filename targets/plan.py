@@ -39,6 +39,7 @@ class Option:
     max_context_resident: int
     max_context_streaming: int
     decode_tok_s_ceiling: float  # from memory bandwidth (and flash reads when streaming)
+    streaming: dict[str, Any] | None = None  # the expert cache's prediction when streaming
 
     def to_dict(self) -> dict[str, Any]:
         f = self.footprint
@@ -55,6 +56,7 @@ class Option:
             "max_context_resident": self.max_context_resident,
             "max_context_streaming": self.max_context_streaming,
             "decode_tok_s_ceiling": round(self.decode_tok_s_ceiling, 2),
+            "streaming": self.streaming,
             "parts": [p.__dict__ for p in f.parts],
         }
 
@@ -81,6 +83,43 @@ def _largest_context(cfg: GptOssConfig, fits) -> int:
     return lo
 
 
+CACHE_MARGIN = 256 << 20  # what the hosts leave free under the limit (runtime/expert_cache.py)
+
+
+def expert_stride(cfg: GptOssConfig, recipe: str) -> int:
+    """Bytes of one packed expert (one extent of a version-2 ExecuTorch artifact)."""
+    from ossedge.quantize.recipes import get_recipe
+    from ossedge.targets.executorch.pack import Layout
+
+    shape = (cfg.num_local_experts, 2 * cfg.intermediate_size, cfg.hidden_size)
+    fmt = get_recipe(recipe).format_for("model.layers.0.mlp.experts.gate_up_proj", shape)
+    return Layout(fmt if fmt in ("mxfp4", "int4-g32") else "mxfp4", cfg.hidden_size,
+                  cfg.intermediate_size).stride
+
+
+def streaming_decode(cfg: GptOssConfig, f: Footprint, budget: int, *, storage_gbs: float,
+                     compute_s: float, frequencies: list[list[float]] | None = None,
+                     ) -> dict[str, Any]:  # fmt: skip
+    """The expert cache's decode under `budget`: the cache gets the budget minus the resident
+    rest (everything but the experts and the embedding, which is read by row) and a margin; its
+    hit rate is the share of selections its slots serve (the profile's most frequent experts, or
+    slots / all experts for uniform routing); each miss reads one expert at `storage_gbs`, after
+    `compute_s` of computing the token."""
+    from ossedge.runtime.profile import hit_rate
+
+    stride = expert_stride(cfg, f.recipe)
+    every = cfg.num_hidden_layers * cfg.num_local_experts
+    rest = f.resident - f.part("experts") - f.part("embedding")
+    cache = max(0, budget - rest - CACHE_MARGIN)
+    slots = min(every, cache // stride)
+    hit = hit_rate(frequencies, slots) if frequencies else slots / every
+    misses = cfg.num_hidden_layers * cfg.num_experts_per_tok * (1 - hit)
+    io_s = misses * stride / (storage_gbs * 1e9)
+    return {"cache_bytes": slots * stride, "slots": slots, "hit_rate": round(hit, 4),
+            "misses_per_token": round(misses, 2), "read_bytes_per_token": int(misses * stride),
+            "decode_tok_s": round(1 / (compute_s + io_s), 3)}  # fmt: skip
+
+
 def streamed_fraction(f: Footprint, budget: int) -> float:
     """Share of the experts that cannot stay in the page cache under `budget` (0 when it fits)."""
     experts = f.part("experts")
@@ -97,6 +136,7 @@ def evaluate(
     *,
     deployment_target: str | None = None,
     max_prefill: int | None = None,
+    frequencies: list[list[float]] | None = None,
 ) -> Option:
     budget = device.app_budget
 
@@ -113,11 +153,12 @@ def evaluate(
         fits = "no"
     read = decode_read_bytes(cfg, target, recipe, context)
     seconds = read / (device.bandwidth_gbs * 1e9)
+    streaming = None
     if fits == "streaming":
-        per_token_experts = f.part("experts") * cfg.num_experts_per_tok / cfg.num_local_experts
-        seconds += per_token_experts * streamed_fraction(f, budget) / (
-            device.storage_read_gbs * 1e9
-        )
+        # ExecuTorch streams through the expert cache; the speed follows its misses
+        streaming = streaming_decode(cfg, f, budget, storage_gbs=device.storage_read_gbs,
+                                     compute_s=seconds, frequencies=frequencies)  # fmt: skip
+        seconds = 1 / streaming["decode_tok_s"]
     return Option(
         target=target,
         recipe=recipe,
@@ -129,6 +170,7 @@ def evaluate(
             _largest_context(cfg, lambda c: fp(c).streaming_minimum <= budget) if stream_ok else 0
         ),
         decode_tok_s_ceiling=1.0 / seconds,
+        streaming=streaming,
     )
 
 
@@ -140,9 +182,10 @@ def plan(
     recipes: tuple[str, ...] | None = None,
     context: int | None = None,
     max_prefill: int | None = None,
+    frequencies: list[list[float]] | None = None,
 ) -> list[Option]:
     """Every (target, recipe) the device runs, evaluated at `context` (default 4096, at most the
-    model's)."""
+    model's); `frequencies` (a routing profile's) set the expert cache's hit rate."""
     context = context or min(DEFAULT_CONTEXT, cfg.max_position_embeddings)
     if not 1 <= context <= cfg.max_position_embeddings:
         raise OssedgeError(
@@ -152,8 +195,8 @@ def plan(
     for target in targets:
         for recipe, dt in recipes_for(target, device):
             if recipes is None or recipe in recipes:
-                out.append(evaluate(device, cfg, target, recipe, context,
-                                    deployment_target=dt, max_prefill=max_prefill))
+                out.append(evaluate(device, cfg, target, recipe, context, deployment_target=dt,
+                                    max_prefill=max_prefill, frequencies=frequencies))
     return out
 
 
@@ -209,9 +252,29 @@ def choose(
 
 def measured_streaming() -> dict[str, Any] | None:
     """Expert-streaming runs measured on this project's Linux machine under memory cgroup limits
-    (written by `python -m ossedge.benchmarks.devices_20b --save`), or None."""
+    (the summary `python -m ossedge.benchmarks.streaming_20b` writes), or None."""
     f = resources.files("ossedge.targets").joinpath("data/streaming.json")
     return json.loads(f.read_text()) if f.is_file() else None
+
+
+def predicted_rows(measured: dict[str, Any]) -> list[dict[str, Any]]:
+    """The measured expert-cache runs beside what `streaming_decode` predicts for the same limit,
+    disk rate and unconstrained speed (the 20b, recipe mobile, context 4096, app host)."""
+    from ossedge.targets.memory import executorch_footprint
+
+    cfg, _ = model_config(None)
+    f = executorch_footprint(cfg, "mobile", 4096)
+    base = measured["unconstrained_decode_tok_s"]
+    rows = []
+    for r in measured["runs"]:
+        if r.get("mode") != "cache" or not r.get("limit_gib") or not r.get("decode_tok_s"):
+            continue
+        p = streaming_decode(cfg, f, r["limit_gib"] << 30, storage_gbs=r["disk_read_gbps"],
+                             compute_s=1 / base)  # fmt: skip
+        rows.append({"limit_gib": r["limit_gib"], "measured_tok_s": r["decode_tok_s"],
+                     "measured_hit_rate": r["hit_rate"], "predicted_tok_s": p["decode_tok_s"],
+                     "predicted_hit_rate": p["hit_rate"], "disk_read_gbps": r["disk_read_gbps"]})
+    return rows
 
 
 def artifact_settings(path: str | Path | None) -> dict[str, Any]:
@@ -223,7 +286,8 @@ def artifact_settings(path: str | Path | None) -> dict[str, Any]:
         return {}
     m = json.loads((Path(path) / "manifest.json").read_text())
     return {"target": artifact_format(path), "recipe": m.get("recipe"),
-            "context": m.get("max_context")}
+            "context": m.get("max_context"),
+            "frequencies": (m.get("expert_profile") or {}).get("frequencies")}
 
 
 def model_config(path: str | Path | None) -> tuple[GptOssConfig, str]:

@@ -85,8 +85,10 @@ def test_artifact_contract(artifact):
     names = {p.name for p in artifact.iterdir()}
     assert names == {"model.pte", "model.ptd", "tokenizer.json", "manifest.json"}
     m = json.loads((artifact / "manifest.json").read_text())
-    assert m["format"] == "ossedge-executorch" and m["contract_version"] == 1
-    assert m["recipe"] == "mobile" and m["experts"]["op"] == "ossedge::moe_mxfp4"
+    assert m["format"] == "ossedge-executorch" and m["contract_version"] == 2
+    assert m["recipe"] == "mobile" and m["experts"]["op"] == "ossedge::moe_mxfp4_packed"
+    store = m["experts"]["store"]
+    assert store["layers"] == 4 and store["experts"] == 8 and store["stride"] % 4096 == 0
     assert m["max_context"] == CONTEXT and m["max_prefill"] == 32
     for name, f in m["files"].items():
         assert (artifact / name).stat().st_size == f["bytes"]

@@ -24,9 +24,16 @@ from ossedge.quantize.qtensor import INT4_GROUP, QTensor
 from ossedge.runtime.errors import OssedgeError
 from ossedge.runtime.executorch import quiet_imports
 from ossedge.targets.executorch import ptd
-from ossedge.targets.executorch.model import ExportableGptOss, expert_constants
+from ossedge.targets.executorch.model import (
+    PACKED_BUFFER,
+    ExportableGptOss,
+    expert_constants,
+    packed_layer,
+)
 
-CONTRACT_VERSION = 1
+# 2: one packed uint8 tensor per layer holding each expert as one extent (pack.py), read by
+# ossedge::moe_*_packed; version-1 artifacts (four stacked tensors per layer) still run.
+CONTRACT_VERSION = 2
 PTE, PTD, TOKENIZER, MANIFEST = "model.pte", "model.ptd", "tokenizer.json", "manifest.json"
 DATA_TAG = "model"  # the data file every external constant goes to (model.ptd)
 
@@ -140,8 +147,12 @@ def export_program(
     )
 
 
-def write_program(program, model: ExportableGptOss, source, out: Path, progress: bool) -> None:
-    """model.pte and model.ptd into `out`; the .ptd gets the real expert bytes."""
+def write_program(
+    program, model: ExportableGptOss, source, out: Path, progress: bool,
+    profile: dict[str, Any] | None = None,
+) -> None:  # fmt: skip
+    """model.pte and model.ptd into `out`; the .ptd gets the real expert bytes (packed, with the
+    routing profile's frequencies in the extents' headers)."""
     with open(out / PTE, "wb") as f:
         program.write_to_file(f)
     staging = out / ".placeholder"
@@ -151,8 +162,12 @@ def write_program(program, model: ExportableGptOss, source, out: Path, progress:
     if not placeholder.is_file():
         raise ExportError("the exporter wrote no data file; constants were not made external")
     replace = {}
+    freqs = profile["frequencies"] if profile else None
     for fqn, (layer, buf) in expert_constants(model).items():
-        replace[fqn] = _expert_part(source, layer, buf)
+        if buf == PACKED_BUFFER:
+            replace[fqn] = _packed(source, layer, freqs[layer] if freqs else None)
+        else:
+            replace[fqn] = _expert_part(source, layer, buf)
     ptd.rewrite(placeholder, out / PTD, replace, progress=progress)
     shutil.rmtree(staging)
 
@@ -160,16 +175,47 @@ def write_program(program, model: ExportableGptOss, source, out: Path, progress:
 _PART = {"gate_up_data": (0, 0), "gate_up_scale": (0, 1), "down_data": (1, 0), "down_scale": (1, 1)}
 
 
-def _expert_part(source, layer: int, buf: str) -> Callable[[], torch.Tensor]:
+def _packed(source, layer: int, freqs: list[float] | None) -> Callable[[int], torch.Tensor]:
+    def read(offset: int) -> torch.Tensor:
+        return packed_layer(source, layer, file_offset=offset, frequencies=freqs)
+
+    return read
+
+
+def _expert_part(source, layer: int, buf: str) -> Callable[[int], torch.Tensor]:
     """A thunk returning the stored bytes of one expert part (read when it is written)."""
     which, part = _PART[buf]
     name = ("gate_up_proj", "down_proj")[which]
 
-    def read() -> torch.Tensor:
+    def read(offset: int) -> torch.Tensor:
         w = source.weight(f"model.layers.{layer}.mlp.experts.{name}")
         return list(w.parts.values())[part]
 
     return read
+
+
+def _store(model: ExportableGptOss, ptd_path: Path) -> dict[str, Any]:
+    """Where the packed experts are in model.ptd: one [E, stride] tensor per layer; and the KV
+    cache's bytes, which a host sizing the cache finds resident already after loading."""
+    from ossedge.targets.memory import kv_cache_bytes
+
+    cfg = model.config
+    entries = ptd.read_index(ptd_path).entries()
+    stride = model.blocks[0].mlp.experts.shape[1]
+    return {
+        "file": PTD, "layout": "packed-extent-v1", "layers": cfg.num_hidden_layers,
+        "experts": cfg.num_local_experts, "top_k": cfg.num_experts_per_tok, "stride": stride,
+        "offsets": [entries[f"blocks.{n}.mlp.{PACKED_BUFFER}"][0]
+                    for n in range(cfg.num_hidden_layers)],
+        "kv_cache_bytes": kv_cache_bytes(cfg, model.max_context, dtype_bytes=4),
+    }  # fmt: skip
+
+
+def _profile_summary(profile: dict[str, Any] | None) -> dict[str, Any] | None:
+    if profile is None:
+        return None
+    keep = ("tokens", "text", "top_k", "top_quarter_share", "frequencies")
+    return {k: profile[k] for k in keep if k in profile}
 
 
 def sizes(out: Path) -> dict[str, int]:
@@ -202,9 +248,18 @@ def convert(
     force: bool = False,
     progress: bool = False,
     verify_tokens: int | None = None,
+    profile: dict[str, Any] | None = None,
+    contract: int = CONTRACT_VERSION,
 ) -> dict[str, Any]:
     """Convert a checkpoint into an ExecuTorch artifact directory `out` (atomically); verify it
-    against the checkpoint unless `verify_tokens` is 0. Returns the manifest."""
+    against the checkpoint unless `verify_tokens` is 0. `profile` (ossedge.runtime.profile) is
+    embedded in the manifest and in the packed experts' headers, for the expert cache's pinning.
+    `contract` 1 writes the older layout (stacked expert tensors, no cache), for apps built
+    against it. Returns the manifest."""
+    if contract not in (1, CONTRACT_VERSION):
+        raise ExportError(f"contract version {contract}: this ossedge writes 1 or {CONTRACT_VERSION}")
+    if contract == 1 and profile is not None:
+        raise ExportError("a routing profile needs contract version 2 (packed experts)")
     import time
 
     from tqdm import tqdm
@@ -231,6 +286,14 @@ def convert(
             f"got {max_context}"
         )
     tokenizer = Tokenizer.from_dir(Path(ckpt_path))
+    if profile is not None:
+        from ossedge.runtime.profile import ProfileError, check_profile
+
+        try:
+            check_profile(profile, layers=cfg.num_hidden_layers, experts=cfg.num_local_experts,
+                          where="--expert-profile")  # fmt: skip
+        except ProfileError as e:
+            raise ExportError(str(e)) from None
     stages = ["build", "export", "lower", "emit", "write"]
     bar = tqdm(total=len(stages), desc="convert", unit="stage", disable=not progress)
     timings: dict[str, float] = {}
@@ -250,19 +313,20 @@ def convert(
         max_prefill=max_prefill,
         make_linear=xnnpack_linear,
         placeholders=True,
+        packed=contract >= 2,
     ).eval()
     methods = metadata(model, tokenizer)
     with atomic_dir(out, force=force) as tmp:
         program = export_program(model, methods, stage)
         stage("write")
-        write_program(program, model, source, tmp, progress)
+        write_program(program, model, source, tmp, progress, profile)
         del program
         stage("done")
         bar.close()
         shutil.copyfile(Path(tokenizer.source), tmp / TOKENIZER)
         manifest: dict[str, Any] = {
             "format": "ossedge-executorch",
-            "contract_version": CONTRACT_VERSION,
+            "contract_version": contract,
             "ossedge_version": __version__,
             "files": {
                 n: {"bytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)}
@@ -271,7 +335,9 @@ def convert(
             "recipe": recipe_name,
             "linear_activations": "int8 dynamic per token (XNNPACK) for int4/int8 weights",
             "experts": {"format": model.blocks[0].mlp.fmt, "op": model.blocks[0].mlp.op_name,
-                        "activations": "int8-b32", "kernel_library": "libossedge_kernels.so"},
+                        "activations": "int8-b32", "kernel_library": "libossedge_kernels.so",
+                        "store": _store(model, tmp / PTD) if contract >= 2 else None},
+            "expert_profile": _profile_summary(profile),
             "attention": {"op": "ossedge::attend"},
             "max_context": max_context,
             "max_prefill": max_prefill,

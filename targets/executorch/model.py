@@ -32,11 +32,14 @@ from ossedge.quantize.qtensor import INT4_GROUP, QTensor, part_specs
 from ossedge.runtime.config import GptOssConfig
 from ossedge.runtime.model import SWIGLU_ALPHA, rope_tables
 from ossedge.targets.executorch import ops  # noqa: F401  (registers ossedge::moe_*)
+from ossedge.targets.executorch.pack import Layout, pack_layer
 
 EXPERT_KINDS = {"mxfp4": ("blocks", "scales"), "int4-g32": ("q", "scale")}
 EXPERT_OP = {"mxfp4": "moe_mxfp4", "int4-g32": "moe_int4"}
-# Names of the expert tensors inside the exported program (constants the exporter fills itself).
+# Names of the expert tensors inside the exported program (constants the exporter fills itself):
+# four stacked tensors per layer (version 1), or one packed tensor (version 2, `pack.py`).
 EXPERT_BUFFERS = ("gate_up_data", "gate_up_scale", "down_data", "down_scale")
+PACKED_BUFFER = "experts"
 
 LinearFactory = Callable[["torch.Tensor | QTensor", "torch.Tensor | None"], nn.Module]
 
@@ -162,9 +165,12 @@ class MoE(nn.Module):
         cfg: GptOssConfig,
         t: dict[str, torch.Tensor | QTensor],
         make_linear: LinearFactory,
+        *,
+        packed: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.top_k = cfg.num_experts_per_tok
+        self.intermediate = cfg.intermediate_size
         self.limit = float(cfg.swiglu_limit)
         self.router = make_linear(t["router_w"], t["router_b"])
         fmt = t["gate_up"].fmt if isinstance(t["gate_up"], QTensor) else "dense"
@@ -173,8 +179,13 @@ class MoE(nn.Module):
                 f"experts stored as {fmt}: this target runs MXFP4 or int4-g32 experts "
                 "(use recipe mobile, mobile-int8 or int4)"
             )
-        self.fmt, self.op_name = fmt, f"ossedge::{EXPERT_OP[fmt]}"
-        self.op = getattr(torch.ops.ossedge, EXPERT_OP[fmt])
+        self.packed = packed is not None
+        op = EXPERT_OP[fmt] + ("_packed" if self.packed else "")
+        self.fmt, self.op_name = fmt, f"ossedge::{op}"
+        self.op = getattr(torch.ops.ossedge, op)
+        if self.packed:
+            self.register_buffer(PACKED_BUFFER, packed)
+            return
         data, scale = EXPERT_KINDS[fmt]
         for prefix, w in (("gate_up", t["gate_up"]), ("down", t["down"])):
             for part, buf in ((data, "data"), (scale, "scale")):
@@ -183,6 +194,9 @@ class MoE(nn.Module):
         self.register_buffer("down_bias", t["down_b"].float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, H]
+        if self.packed:
+            return self.op(x, self.router(x), self.experts, self.top_k, self.intermediate,
+                           self.limit, SWIGLU_ALPHA)  # fmt: skip
         top_v, top_i = torch.topk(self.router(x), self.top_k, dim=-1)
         weights = torch.softmax(top_v, dim=-1)
         return self.op(
@@ -242,6 +256,7 @@ class ExportableGptOss(nn.Module):
         max_prefill: int,
         make_linear: LinearFactory = dense_linear,
         placeholders: bool = False,
+        packed: bool = True,
         progress: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__()
@@ -259,11 +274,24 @@ class ExportableGptOss(nn.Module):
         for n in range(cfg.num_hidden_layers):
             p = f"model.layers.{n}."
             attn = {k: source.weight(p + v) for k, v in _ATTN.items()}
-            mlp = {
-                k: _placeholder(source, p + v) if placeholders and k in ("gate_up", "down")
-                else source.weight(p + v)
-                for k, v in _MLP.items()
-            }
+            if packed:
+                mlp = {k: source.weight(p + v) for k, v in _MLP.items() if k.startswith("router")}
+                mlp["gate_up"] = _placeholder(source, p + _MLP["gate_up"])
+                fmt = mlp["gate_up"].fmt
+                experts = (
+                    None if fmt not in EXPERT_KINDS  # MoE refuses it, naming the format
+                    else zeros_placeholder(
+                        (cfg.num_local_experts, packed_layout(cfg, fmt).stride), torch.uint8)
+                    if placeholders
+                    else packed_layer(source, n)
+                )  # fmt: skip
+            else:
+                experts = None
+                mlp = {
+                    k: _placeholder(source, p + v) if placeholders and k in ("gate_up", "down")
+                    else source.weight(p + v)
+                    for k, v in _MLP.items()
+                }
             norms = tuple(
                 source.weight(p + s)
                 for s in ("input_layernorm.weight", "post_attention_layernorm.weight")
@@ -271,7 +299,7 @@ class ExportableGptOss(nn.Module):
             blocks.append(
                 Block(
                     Attention(cfg, n, attn, make_linear, max_context=max_context),
-                    MoE(cfg, mlp, make_linear),
+                    MoE(cfg, mlp, make_linear, packed=experts),
                     norms,
                     cfg.rms_norm_eps,
                 )
@@ -326,8 +354,28 @@ class ExportableGptOss(nn.Module):
 
 def expert_constants(model: ExportableGptOss) -> dict[str, tuple[int, str]]:
     """FQN of every expert byte buffer → (layer, buffer name): what the exporter fills in."""
-    return {
-        f"blocks.{n}.mlp.{buf}": (n, buf)
-        for n in range(len(model.blocks))
-        for buf in EXPERT_BUFFERS
-    }
+    bufs = (PACKED_BUFFER,) if model.blocks[0].mlp.packed else EXPERT_BUFFERS
+    return {f"blocks.{n}.mlp.{buf}": (n, buf) for n in range(len(model.blocks)) for buf in bufs}
+
+
+def packed_layout(cfg: GptOssConfig, fmt: str) -> Layout:
+    return Layout(fmt, cfg.hidden_size, cfg.intermediate_size)
+
+
+def packed_layer(
+    source, layer: int, *, file_offset: int = 0, frequencies: list[float] | None = None
+) -> torch.Tensor:
+    """Layer `layer`'s experts from `source`, packed (uint8 [E, stride]); read when called."""
+    cfg = source.config
+    p = f"model.layers.{layer}.mlp.experts."
+    gate_up, down = source.weight(p + "gate_up_proj"), source.weight(p + "down_proj")
+    codes, scales = EXPERT_KINDS[gate_up.fmt]
+    parts = {
+        "gate_up_codes": gate_up.parts[codes], "gate_up_scales": gate_up.parts[scales],
+        "gate_up_bias": source.weight(p + "gate_up_proj_bias"),
+        "down_codes": down.parts[codes], "down_scales": down.parts[scales],
+        "down_bias": source.weight(p + "down_proj_bias"),
+    }  # fmt: skip
+    return pack_layer(packed_layout(cfg, gate_up.fmt), parts, layer=layer,
+                      layers=cfg.num_hidden_layers, file_offset=file_offset,
+                      frequencies=frequencies)  # fmt: skip

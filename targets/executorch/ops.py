@@ -5,6 +5,9 @@
     ossedge::moe_int4(x, expert_ids, weights, gate_up_q, gate_up_scale, gate_up_bias,
                       down_q, down_scale, down_bias, limit, alpha) -> Tensor
 
+    ossedge::moe_mxfp4_packed(x, router_logits, experts, top_k, intermediate, limit, alpha)
+    ossedge::moe_int4_packed(x, router_logits, experts, top_k, intermediate, limit, alpha)
+
     ossedge::attend(q, k, v, mask, sinks) -> Tensor
 
 plus `.out` overloads (ExecuTorch runs out-variant kernels). x [T, H] float32; expert_ids
@@ -18,6 +21,10 @@ per block of 32 (symmetric, scale max|v| / 127, round half to even: the "int8-b3
 llama.cpp does for its Q8_0 dot products, so that the kernels can multiply int8 by int8 (AVX-512
 VNNI). The implementation here is the reference (tokens grouped per expert, only the selected
 experts decoded); the native kernel in `kernels/` must agree with it.
+
+The `_packed` operators of version-2 artifacts take the router logits [T, E] (the top-k and their
+softmax are taken inside, so a host may route with knowledge of what is cached) and one uint8
+tensor [E, stride] per layer holding each expert as one extent (`pack.py`); the math is the same.
 
 `attend` is gpt-oss's attention over a KV cache: q [KV, R, D] (R = query heads per KV head ×
 tokens, already scaled by 1/√D), k and v [KV, S, D], an additive mask [R, S] shared by the KV
@@ -106,6 +113,56 @@ def _define(kind: str) -> None:
 
 for _kind in _FORMAT:
     _define(_kind)
+
+
+def moe_packed_reference(
+    kind: str, x: torch.Tensor, logits: torch.Tensor, experts: torch.Tensor, top_k: int,
+    intermediate: int, limit: float, alpha: float,
+) -> torch.Tensor:  # fmt: skip
+    """The packed operators' math: route, then `moe_reference` on the selected experts only."""
+    from ossedge.targets.executorch.pack import Layout, unpack_expert
+
+    fmt = _FORMAT[kind][0]
+    layout = Layout(fmt, x.shape[-1], intermediate)
+    top_v, top_i = torch.topk(logits.float(), top_k, dim=-1)  # [T, K]
+    weights = torch.softmax(top_v, dim=-1)
+    chosen = top_i.unique().tolist()
+    local = torch.full((experts.shape[0],), -1, dtype=torch.long)
+    local[chosen] = torch.arange(len(chosen))
+    parts = [unpack_expert(layout, experts[e]) for e in chosen]
+
+    def stack(name: str) -> torch.Tensor:
+        return torch.stack([p[name] for p in parts])
+
+    return moe_reference(
+        kind, x, local[top_i], weights,
+        (stack("gate_up_codes"), stack("gate_up_scales")), stack("gate_up_bias"),
+        (stack("down_codes"), stack("down_scales")), stack("down_bias"), limit, alpha,
+    )  # fmt: skip
+
+
+def _define_packed(kind: str) -> None:
+    name = f"moe_{kind}_packed"
+    head = ("Tensor x, Tensor router_logits, Tensor experts, int top_k, int intermediate, "
+            "float limit, float alpha")  # fmt: skip
+    LIB.define(f"{name}({head}) -> Tensor")
+    LIB.define(f"{name}.out({head}, *, Tensor(a!) out) -> Tensor(a!)")
+
+    def functional(x, logits, experts, top_k, inter, limit, alpha):
+        return moe_packed_reference(kind, x, logits, experts, top_k, inter, limit, alpha)
+
+    def out_variant(x, logits, experts, top_k, inter, limit, alpha, *, out):
+        out.copy_(functional(x, logits, experts, top_k, inter, limit, alpha))
+        return out
+
+    LIB.impl(name, functional, "CompositeExplicitAutograd")
+    LIB.impl(f"{name}.out", out_variant, "CompositeExplicitAutograd")
+    LIB.impl(name, lambda x, *a: torch.empty_like(x, dtype=torch.float32), "Meta")
+    LIB.impl(f"{name}.out", lambda x, *a, out: out, "Meta")
+
+
+for _kind in _FORMAT:
+    _define_packed(_kind)
 
 
 def attend_reference(q, k, v, mask, sinks) -> torch.Tensor:

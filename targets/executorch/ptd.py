@@ -71,13 +71,14 @@ def read_index(path: str | os.PathLike) -> Index:
 def rewrite(
     src: str | os.PathLike,
     dst: str | os.PathLike,
-    replace: dict[str, Callable[[], torch.Tensor]],
+    replace: dict[str, Callable[[int], torch.Tensor]],
     *,
     progress: bool = False,
 ) -> None:
     """Copy `src` to `dst`, giving every key in `replace` its own segment filled with the tensor
-    its thunk returns (same byte size as the placeholder). Other segments are copied (shared
-    segments stay shared). The thunks are called one at a time, while writing."""
+    its thunk returns when called with the segment's absolute offset in `dst` (same byte size as
+    the placeholder). Other segments are copied (shared segments stay shared). The thunks are
+    called one at a time, while writing."""
     from executorch.exir._serialize._program import _insert_flatbuffer_header
     from executorch.exir._serialize.padding import aligned_size, pad_to
     from executorch.extension.flat_tensor.serialize.flat_tensor_schema import (
@@ -134,7 +135,7 @@ def rewrite(
         for (what, size), seg in zip(plan, segments, strict=True):
             fout.seek(base + seg.offset)
             if isinstance(what, str):
-                _write_tensor(fout, replace[what](), size, what, bar)
+                _write_tensor(fout, replace[what](base + seg.offset), size, what, bar)
             else:
                 fin.seek(index.segment_base + ft.segments[what].offset)
                 left = size

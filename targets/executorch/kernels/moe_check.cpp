@@ -1,12 +1,31 @@
 // A standalone driver of moe_forward for tests: no ExecuTorch, so it also runs cross-compiled for
-// arm64 under qemu. Usage: moe_check INPUT OUTPUT. INPUT (little endian): int64 format (0 MXFP4,
-// 1 int4), T, topk, E, H, I; float32 limit, alpha; then x f32 [T,H], ids i64 [T,topk],
-// weights f32 [T,topk], and gate_up and down as data, scales, bias f32. OUTPUT: the ISA name
-// line, then out f32 [T,H].
+// arm64 under qemu. Usage: moe_check INPUT OUTPUT [PACKED BUDGET [CALLS]]. INPUT (little
+// endian): int64 format (0 MXFP4, 1 int4), T, topk, E, H, I; float32 limit, alpha; then x f32
+// [T,H], ids i64 [T,topk], weights f32 [T,topk], and gate_up and down as data, scales, bias f32.
+// OUTPUT: the ISA name line, then out f32 [T,H].
+//
+// With PACKED (the same layer as one packed tensor [E, stride], written at offset 0 of that
+// file: expert_pack.h) the experts come through an ExpertCache of BUDGET bytes reading PACKED,
+// CALLS times (default 1; OUTPUT holds the last), and the cache's counters are printed to stdout
+// as `hits misses bytes_read slots`. BUDGET "concurrent" instead has 8 threads acquire expert 0
+// at once through an ample cache and prints the same counters. $MOE_CHECK_MAPPED names another
+// file to map for the headers (as the program maps an intact model.ptd while the cache reads a
+// damaged one).
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
 #include <vector>
 
+#include "expert_cache.h"
+#include "expert_pack.h"
 #include "moe_core.h"
 
 namespace {
@@ -19,9 +38,27 @@ bool read(FILE* f, std::vector<T>* v, size_t n) {
 
 }  // namespace
 
+// The packed file mapped read-only, as ExecuTorch maps model.ptd.
+const uint8_t* map_file(const char* path, size_t* size) {
+  const int fd = open(path, O_RDONLY);
+  struct stat st {};
+  if (fd < 0 || fstat(fd, &st) != 0) return nullptr;
+  *size = static_cast<size_t>(st.st_size);
+  void* p = mmap(nullptr, *size, PROT_READ, MAP_PRIVATE, fd, 0);
+  close(fd);
+  return p == MAP_FAILED ? nullptr : static_cast<const uint8_t*>(p);
+}
+
+void print_stats(const ossedge::ExpertCache& cache) {
+  const ossedge::CacheStats s = cache.stats();
+  std::printf("%lld %lld %lld %lld\n", static_cast<long long>(s.hits),
+              static_cast<long long>(s.misses), static_cast<long long>(s.bytes_read),
+              static_cast<long long>(s.slots));
+}
+
 int main(int argc, char** argv) {
-  if (argc != 3) {
-    std::fprintf(stderr, "usage: moe_check INPUT OUTPUT\n");
+  if (argc != 3 && argc != 5 && argc != 6) {
+    std::fprintf(stderr, "usage: moe_check INPUT OUTPUT [PACKED BUDGET [CALLS]]\n");
     return 2;
   }
   FILE* in = std::fopen(argv[1], "rb");
@@ -65,10 +102,56 @@ int main(int argc, char** argv) {
   a.limit = params[0];
   a.alpha = params[1];
   std::vector<float> out(t * h);
-  if (!ossedge::moe_forward(a, out.data())) {
-    std::fprintf(stderr, "expert id out of range\n");
-    return 1;
+  std::unique_ptr<ossedge::ExpertCache> cache;
+  int calls = 1;
+  if (argc >= 5) {
+    size_t size = 0;
+    const char* mapped = std::getenv("MOE_CHECK_MAPPED");
+    const uint8_t* packed = map_file(mapped != nullptr ? mapped : argv[3], &size);
+    const int64_t stride = ossedge::pack::stride(format, h, inter);
+    if (packed == nullptr || size < static_cast<size_t>(e * stride)) {
+      std::fprintf(stderr, "%s: cannot map a packed layer of %lld bytes\n", argv[3],
+                   static_cast<long long>(e * stride));
+      return 1;
+    }
+    const bool concurrent = std::strcmp(argv[4], "concurrent") == 0;
+    ossedge::CacheOptions o;
+    o.path = argv[3];
+    o.budget_bytes = concurrent ? e * stride : std::atoll(argv[4]);
+    o.chunk_bytes = 8192;  // several reads per expert, even for tiny ones
+    std::string error;
+    cache = ossedge::ExpertCache::open(o, &error);
+    ossedge::ExpertSource* source =
+        cache ? cache->layer_source(packed, e, stride, format, h, inter, &error) : nullptr;
+    if (source == nullptr) {
+      std::fprintf(stderr, "%s\n", error.c_str());
+      return 1;
+    }
+    if (concurrent) {
+      std::vector<std::thread> threads;
+      for (int i = 0; i < 8; ++i) {
+        threads.emplace_back([source] {
+          const int64_t id = 0;
+          ossedge::ExpertView view;
+          std::string why;
+          if (source->acquire(&id, 1, &view, &why)) source->release(&id, 1);
+        });
+      }
+      for (auto& th : threads) th.join();
+      print_stats(*cache);
+      return 0;
+    }
+    a.source = source;
+    if (argc == 6) calls = std::atoi(argv[5]);
   }
+  for (int c = 0; c < calls; ++c) {
+    std::string error;
+    if (!ossedge::moe_forward(a, out.data(), &error)) {
+      std::fprintf(stderr, "%s\n", error.c_str());
+      return 1;
+    }
+  }
+  if (cache) print_stats(*cache);
   FILE* o = std::fopen(argv[2], "wb");
   if (o == nullptr) {
     std::perror(argv[2]);

@@ -174,20 +174,23 @@ class Acts {
 struct Plan {
   const MoeArgs* a;
   const Isa* isa;
+  const int64_t* ids;            // [T, topk]
+  const float* weights;          // [T, topk]
   std::vector<int64_t> order;    // (token, slot) pairs, grouped by expert in ascending order
   std::vector<int64_t> active;   // experts with at least one pair
   std::vector<int64_t> start;    // active[i]'s pairs are order[start[i] .. start[i + 1])
+  std::vector<ExpertView> views; // active[i]'s weights (valid for the group being computed)
   Acts xs;                       // [T, H] the tokens
   std::vector<float> act;        // [P, I] SwiGLU output of order[p]'s pair, natural order
   Acts acts;                     // the same, quantized
   float* out;
 };
 
-// emit(q, n, dots) for rows n, n + kRows of expert e over [n0, n1) and pairs q in [q0, q1):
+// emit(q, n, dots) for rows n, n + kRows of weight w over [n0, n1) and pairs q in [q0, q1):
 // dots[r] = row (n + r) . acts row(q). Tiles of kRows rows by up to kMaxTokens pairs.
 template <typename Row, typename Emit>
-void expert_rows(const Isa& isa, const ExpertWeight& w, int64_t e, int64_t n0, int64_t n1,
-                 int64_t q0, int64_t q1, const Acts& acts, Row row, Emit emit) {
+void expert_rows(const Isa& isa, const ExpertWeight& w, int64_t n0, int64_t n1, int64_t q0,
+                 int64_t q1, const Acts& acts, Row row, Emit emit) {
   float dots[kMaxTokens * kRows];
   const float* inputs[kMaxTokens];
   detail::QuantRow qrows[kMaxTokens];
@@ -200,10 +203,10 @@ void expert_rows(const Isa& isa, const ExpertWeight& w, int64_t e, int64_t n0, i
           qrows[j] = acts.q(row(q + j));
           qinputs[j] = &qrows[j];
         }
-        isa.qtiles[m - 1](w, e, n, qinputs, dots);
+        isa.qtiles[m - 1](w, 0, n, qinputs, dots);
       } else {
         for (int j = 0; j < m; ++j) inputs[j] = acts.f(row(q + j));
-        isa.tiles[m - 1](w, e, n, inputs, dots);
+        isa.tiles[m - 1](w, 0, n, inputs, dots);
       }
       for (int j = 0; j < m; ++j) emit(q + j, n, dots + j * kRows);
     }
@@ -213,41 +216,111 @@ void expert_rows(const Isa& isa, const ExpertWeight& w, int64_t e, int64_t n0, i
 // Task: a chunk of gate_up rows of one active expert, for all its tokens, through the SwiGLU.
 void gate_up_task(Plan& p, int64_t i, int64_t n0, int64_t n1) {
   const MoeArgs& a = *p.a;
-  const int64_t e = p.active[i], inter = a.intermediate;
-  const float* bias = a.gate_up_bias + e * 2 * inter;
+  const int64_t inter = a.intermediate;
+  const ExpertView& v = p.views[i];
   const auto row = [&](int64_t q) { return p.order[q] / a.topk; };
   const auto emit = [&](int64_t q, int64_t n, const float* dots) {
     float* act = p.act.data() + q * inter;
     for (int r = 0; r < kRows; r += 2) {
-      const float gate = std::fmin(dots[r] + bias[n + r], a.limit);
-      const float up = std::fmax(std::fmin(dots[r + 1] + bias[n + r + 1], a.limit), -a.limit);
+      const float gate = std::fmin(dots[r] + v.gate_up_bias[n + r], a.limit);
+      const float up =
+          std::fmax(std::fmin(dots[r + 1] + v.gate_up_bias[n + r + 1], a.limit), -a.limit);
       act[(n + r) / 2] = (up + 1.0f) * gate / (1.0f + std::exp(-a.alpha * gate));
     }
   };
-  expert_rows(*p.isa, a.gate_up, e, n0, n1, p.start[i], p.start[i + 1], p.xs, row, emit);
+  expert_rows(*p.isa, v.gate_up, n0, n1, p.start[i], p.start[i + 1], p.xs, row, emit);
 }
 
-// Task: a chunk of output columns, summed over every active expert (so no two tasks write the
-// same output, and each output is summed in the same order whatever the threads).
-void down_task(const Plan& p, int64_t n0, int64_t n1) {
+// Task: a chunk of output columns of active expert i, for all its pairs, into `ys` (each
+// pair's weighted contribution, so that the sum over experts can be taken in one fixed order).
+void down_task(const Plan& p, int64_t i, int64_t n0, int64_t n1, float* ys) {
   const MoeArgs& a = *p.a;
   const int64_t h = a.hidden;
   const auto row = [](int64_t q) { return q; };
-  for (size_t i = 0; i < p.active.size(); ++i) {
-    const int64_t e = p.active[i];
-    const float* bias = a.down_bias + e * h;
-    const auto emit = [&](int64_t q, int64_t n, const float* dots) {
-      const int64_t pair = p.order[q];
-      float* out = p.out + (pair / a.topk) * h;
-      for (int r = 0; r < kRows; ++r) out[n + r] += a.weights[pair] * (dots[r] + bias[n + r]);
-    };
-    expert_rows(*p.isa, a.down, e, n0, n1, p.start[i], p.start[i + 1], p.acts, row, emit);
+  const ExpertView& v = p.views[i];
+  const auto emit = [&](int64_t q, int64_t n, const float* dots) {
+    const int64_t pair = p.order[q];
+    float* y = ys + q * h;
+    for (int r = 0; r < kRows; ++r) y[n + r] = p.weights[pair] * (dots[r] + v.down_bias[n + r]);
+  };
+  expert_rows(*p.isa, v.down, n0, n1, p.start[i], p.start[i + 1], p.acts, row, emit);
+}
+
+// Task: a chunk of output columns, summed over every pair in `order`, i.e. for each token over
+// its experts in ascending order, whatever order the experts were computed in.
+void sum_task(const Plan& p, const float* ys, int64_t n0, int64_t n1) {
+  const MoeArgs& a = *p.a;
+  const int64_t h = a.hidden, pairs = a.tokens * a.topk;
+  for (int64_t q = 0; q < pairs; ++q) {
+    float* out = p.out + (p.order[q] / a.topk) * h;
+    const float* y = ys + q * h;
+    for (int64_t n = n0; n < n1; ++n) out[n] += y[n];
   }
 }
 
 int64_t chunks(int64_t rows) { return (rows + kChunkRows - 1) / kChunkRows; }
 
+// Expert e of a stacked weight, alone.
+ExpertWeight one_expert(const ExpertWeight& w, int64_t e) {
+  const int64_t blocks = w.rows * (w.cols / kBlock);
+  const int64_t scale_bytes = w.format == WeightFormat::kMxfp4 ? 1 : 2;
+  return {w.format, w.data + e * blocks * detail::kBlockBytes,
+          static_cast<const uint8_t*>(w.scales) + e * blocks * scale_bytes, w.rows, w.cols};
+}
+
+// The stacked tensors of MoeArgs as a source that holds every expert.
+class StackedSource final : public ExpertSource {
+ public:
+  explicit StackedSource(const MoeArgs& a) : a_(a) {}
+  int64_t capacity() const override { return a_.experts; }
+  bool start(const int64_t*, int64_t, std::string*) override { return true; }
+  int64_t next_ready(const int64_t* ids, int64_t n, const uint8_t* done, ExpertView* view,
+                     std::string*) override {
+    int64_t i = 0;
+    while (i < n - 1 && done[i]) ++i;
+    const int64_t e = ids[i];
+    *view = {one_expert(a_.gate_up, e), a_.gate_up_bias + e * 2 * a_.intermediate,
+             one_expert(a_.down, e), a_.down_bias + e * a_.hidden};
+    return i;
+  }
+  void release(const int64_t*, int64_t) override {}
+
+ private:
+  const MoeArgs& a_;
+};
+
 }  // namespace
+
+bool ExpertSource::acquire(const int64_t* ids, int64_t n, ExpertView* views, std::string* error) {
+  if (!start(ids, n, error)) return false;
+  std::vector<uint8_t> done(n, 0);
+  for (int64_t k = 0; k < n; ++k) {
+    ExpertView view;
+    const int64_t i = next_ready(ids, n, done.data(), &view, error);
+    if (i < 0) return false;
+    done[i] = 1;
+    views[i] = view;
+  }
+  return true;
+}
+
+void route_top_k(const float* logits, int64_t experts, int64_t k, int64_t* ids, float* weights) {
+  for (int64_t j = 0; j < k; ++j) {
+    int64_t best = -1;
+    for (int64_t e = 0; e < experts; ++e) {
+      bool taken = false;
+      for (int64_t i = 0; i < j; ++i) taken = taken || ids[i] == e;
+      if (!taken && (best < 0 || logits[e] > logits[best])) best = e;
+    }
+    ids[j] = best;
+  }
+  float sum = 0.0f;
+  for (int64_t j = 0; j < k; ++j) {
+    weights[j] = std::exp(logits[ids[j]] - logits[ids[0]]);
+    sum += weights[j];
+  }
+  for (int64_t j = 0; j < k; ++j) weights[j] /= sum;
+}
 
 const char* moe_isa() { return current_isa().name; }
 
@@ -257,18 +330,40 @@ bool moe_set_isa(const char* name) {
   return isa != nullptr;
 }
 
-bool moe_forward(const MoeArgs& a, float* out) {
+bool moe_forward(const MoeArgs& a, float* out, std::string* error) {
   const int64_t h = a.hidden, inter = a.intermediate, pairs = a.tokens * a.topk;
-  if (h % kBlock != 0 || inter % kBlock != 0) return false;
+  if (h % kBlock != 0 || inter % kBlock != 0) {
+    if (error) *error = "hidden and intermediate sizes must be multiples of 32";
+    return false;
+  }
   const Isa& isa = current_isa();
   const WeightFormat format = a.gate_up.format;
-  Plan p{&a, &isa, {}, {}, {}, Acts(a.tokens, h, isa, format), {},
+  Plan p{&a, &isa, a.ids, a.weights, {}, {}, {}, {}, Acts(a.tokens, h, isa, format), {},
          Acts(pairs, inter, isa, format), out};
+  std::vector<int64_t> routed_ids;
+  std::vector<float> routed_weights;
+  if (a.logits != nullptr) {
+    if (a.topk < 1 || a.topk > a.experts) {
+      if (error) *error = "top-k must be 1..experts";
+      return false;
+    }
+    routed_ids.resize(pairs);
+    routed_weights.resize(pairs);
+    for (int64_t t = 0; t < a.tokens; ++t) {
+      route_top_k(a.logits + t * a.experts, a.experts, a.topk, routed_ids.data() + t * a.topk,
+                  routed_weights.data() + t * a.topk);
+    }
+    p.ids = routed_ids.data();
+    p.weights = routed_weights.data();
+  }
   // Counting sort of the (token, slot) pairs by expert.
   std::vector<int64_t> count(a.experts + 1, 0);
   for (int64_t q = 0; q < pairs; ++q) {
-    if (a.ids[q] < 0 || a.ids[q] >= a.experts) return false;
-    ++count[a.ids[q] + 1];
+    if (p.ids[q] < 0 || p.ids[q] >= a.experts) {
+      if (error) *error = "an expert id is out of range";
+      return false;
+    }
+    ++count[p.ids[q] + 1];
   }
   for (int64_t e = 0; e < a.experts; ++e) {
     if (count[e + 1] > 0) p.active.push_back(e);
@@ -277,26 +372,62 @@ bool moe_forward(const MoeArgs& a, float* out) {
   for (int64_t e : p.active) p.start.push_back(count[e]);
   p.start.push_back(pairs);
   p.order.resize(pairs);
-  for (int64_t q = 0; q < pairs; ++q) p.order[count[a.ids[q]]++] = q;
+  for (int64_t q = 0; q < pairs; ++q) p.order[count[p.ids[q]]++] = q;
+
+  StackedSource stacked(a);
+  ExpertSource& source = a.source != nullptr ? *a.source : stacked;
+  const int64_t n_active = static_cast<int64_t>(p.active.size());
+  p.views.resize(n_active);
 
   auto quantize_x = [&](int64_t t) { p.xs.set(t, a.x + t * h); };
   parallel_for(a.parallel, a.tokens, quantize_x);
   p.act.resize(pairs * inter);
+  std::vector<float> ys(pairs * h);
   std::memset(out, 0, sizeof(float) * a.tokens * h);
 
   const int64_t up_chunks = chunks(2 * inter);
-  auto up = [&](int64_t task) {
-    const int64_t n0 = (task % up_chunks) * kChunkRows;
-    gate_up_task(p, task / up_chunks, n0, std::min(n0 + kChunkRows, 2 * inter));
-  };
-  parallel_for(a.parallel, static_cast<int64_t>(p.active.size()) * up_chunks, up);
-  auto quantize_act = [&](int64_t q) { p.acts.set(q, p.act.data() + q * inter); };
-  parallel_for(a.parallel, pairs, quantize_act);
-  auto down = [&](int64_t task) {
+  const int64_t group = std::max<int64_t>(1, source.capacity());
+  std::vector<uint8_t> done(n_active, 0);
+  for (int64_t i0 = 0; i0 < n_active; i0 += group) {
+    const int64_t i1 = std::min(n_active, i0 + group);
+    std::string why;
+    bool ok = source.start(p.active.data() + i0, i1 - i0, &why);
+    for (int64_t k = i0; ok && k < i1; ++k) {
+      ExpertView view;
+      const int64_t j = source.next_ready(p.active.data() + i0, i1 - i0, done.data() + i0,
+                                          &view, &why);
+      if (j < 0) {
+        ok = false;
+        break;
+      }
+      const int64_t i = i0 + j;
+      done[i] = 1;
+      p.views[i] = view;
+      auto up = [&](int64_t task) {
+        const int64_t n0 = task * kChunkRows;
+        gate_up_task(p, i, n0, std::min(n0 + kChunkRows, 2 * inter));
+      };
+      parallel_for(a.parallel, up_chunks, up);
+      const int64_t q0 = p.start[i];
+      auto quantize_act = [&](int64_t q) { p.acts.set(q0 + q, p.act.data() + (q0 + q) * inter); };
+      parallel_for(a.parallel, p.start[i + 1] - q0, quantize_act);
+      auto down = [&](int64_t task) {
+        const int64_t n0 = task * kChunkRows;
+        down_task(p, i, n0, std::min(n0 + kChunkRows, h), ys.data());
+      };
+      parallel_for(a.parallel, chunks(h), down);
+    }
+    source.release(p.active.data() + i0, i1 - i0);
+    if (!ok) {
+      if (error) *error = why;
+      return false;
+    }
+  }
+  auto sum = [&](int64_t task) {
     const int64_t n0 = task * kChunkRows;
-    down_task(p, n0, std::min(n0 + kChunkRows, h));
+    sum_task(p, ys.data(), n0, std::min(n0 + kChunkRows, h));
   };
-  parallel_for(a.parallel, chunks(h), down);
+  parallel_for(a.parallel, chunks(h), sum);
   return true;
 }
 

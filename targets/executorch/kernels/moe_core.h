@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 namespace ossedge {
 
@@ -38,10 +39,44 @@ void parallel_for(ParallelFor parallel, int64_t n, F& f) {
   parallel(n, [](void* ctx, int64_t i) { (*static_cast<F*>(ctx))(i); }, &f);
 }
 
+// One expert's weights: each view holds that expert alone (its expert index is 0).
+struct ExpertView {
+  ExpertWeight gate_up;        // [1, 2I, H]
+  const float* gate_up_bias;   // [2I]
+  ExpertWeight down;           // [1, H, I]
+  const float* down_bias;      // [H]
+};
+
+// Where a call's expert weights come from when they are not the stacked tensors of MoeArgs (a
+// packed tensor in place, or a cache that reads experts from a file). A call takes its experts
+// in groups of at most capacity(): start() the group, then next_ready() hands them out one at a
+// time as they become readable (those already there first, so that computing them hides the
+// reads of the others), then release() the group.
+class ExpertSource {
+ public:
+  virtual ~ExpertSource() = default;
+  // How many experts one group may hold at once (>= 1).
+  virtual int64_t capacity() const = 0;
+  // Begins making experts ids[0 .. n) readable (n <= capacity). false, with a message in
+  // *error, when they cannot be had; release() the group either way.
+  virtual bool start(const int64_t* ids, int64_t n, std::string* error) = 0;
+  // Waits for one of the started experts i with done[i] == 0 to be readable: returns i and its
+  // weights in *view (valid until release), or -1 with a message in *error (an I/O error, a
+  // damaged extent).
+  virtual int64_t next_ready(const int64_t* ids, int64_t n, const uint8_t* done,
+                             ExpertView* view, std::string* error) = 0;
+  virtual void release(const int64_t* ids, int64_t n) = 0;
+
+  // start() and every next_ready(): views[i] for ids[i].
+  bool acquire(const int64_t* ids, int64_t n, ExpertView* views, std::string* error);
+};
+
 struct MoeArgs {
   const float* x;              // [T, H]
-  const int64_t* ids;          // [T, topk]
-  const float* weights;        // [T, topk]
+  const int64_t* ids;          // [T, topk], or nullptr with `logits`
+  const float* weights;        // [T, topk], or nullptr with `logits`
+  const float* logits;         // [T, E] router logits: the kernel takes the top-k and their
+                               // softmax itself (nullptr: ids and weights are given)
   int64_t tokens;              // T
   int64_t topk;
   int64_t experts;             // E
@@ -54,6 +89,7 @@ struct MoeArgs {
   float limit;
   float alpha;
   ParallelFor parallel;        // nullptr: one thread
+  ExpertSource* source;        // nullptr: the stacked gate_up / down tensors above
 };
 
 // The instruction set the kernel uses: "avx512vnni", "avx512", "avx2", "neon" or "scalar". The
@@ -66,6 +102,12 @@ bool moe_set_isa(const char* name);
 // out [T, H] = sum over each token's chosen experts of weight * expert(x). Returns false (and
 // leaves `out` unspecified) when an expert id is out of range or a size is not a multiple of 32.
 // The result does not depend on `parallel`: every output is summed in the same order.
-bool moe_forward(const MoeArgs& args, float* out);
+// With a `source`, its experts are used in groups of at most capacity() (in ascending expert
+// order, so the sums are the same as in one group) and `error` gets the source's message.
+bool moe_forward(const MoeArgs& args, float* out, std::string* error = nullptr);
+
+// The top `k` of logits[0 .. experts) (ties: the lower index first, as torch.topk on CPU) and
+// their softmax: ids[0 .. k), weights[0 .. k), highest first.
+void route_top_k(const float* logits, int64_t experts, int64_t k, int64_t* ids, float* weights);
 
 }  // namespace ossedge

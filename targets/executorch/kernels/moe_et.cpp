@@ -1,10 +1,15 @@
 // ExecuTorch kernels for ossedge::moe_mxfp4.out and ossedge::moe_int4.out (schemas in
 // targets/executorch/ops.py). Shapes and dtypes are checked here; the math is in moe_core.cpp.
+#include <cstdio>
+#include <string>
+
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/kernel/kernel_includes.h>
 
 #include "et_parallel.h"
 #include "et_tensors.h"
+#include "expert_cache.h"
+#include "expert_pack.h"
 #include "moe_core.h"
 
 namespace {
@@ -75,6 +80,82 @@ Tensor& moe_out(KernelRuntimeContext& ctx, ossedge::WeightFormat format, const T
   return out;
 }
 
+// A packed tensor [E, stride] read in place (no cache open, or a program run by a host that
+// never opens one: the memory-mapped .ptd serves the experts, as in version 1).
+class PackedInPlace final : public ossedge::ExpertSource {
+ public:
+  PackedInPlace(const uint8_t* base, int64_t experts, int64_t stride, ossedge::WeightFormat f,
+                int64_t hidden, int64_t inter)
+      : base_(base), experts_(experts), stride_(stride), format_(f), hidden_(hidden),
+        inter_(inter) {}
+  int64_t capacity() const override { return experts_; }
+  bool start(const int64_t*, int64_t, std::string*) override { return true; }
+  int64_t next_ready(const int64_t* ids, int64_t n, const uint8_t* done, ossedge::ExpertView* view,
+                     std::string*) override {
+    int64_t i = 0;
+    while (i < n - 1 && done[i]) ++i;
+    *view = ossedge::pack::view(base_ + ids[i] * stride_, format_, hidden_, inter_);
+    return i;
+  }
+  void release(const int64_t*, int64_t) override {}
+
+ private:
+  const uint8_t* base_;
+  int64_t experts_, stride_;
+  ossedge::WeightFormat format_;
+  int64_t hidden_, inter_;
+};
+
+Tensor& moe_packed_out(KernelRuntimeContext& ctx, ossedge::WeightFormat format, const Tensor& x,
+                       const Tensor& logits, const Tensor& experts, int64_t top_k,
+                       int64_t inter, double limit, double alpha, Tensor& out) {
+  const bool ok_inputs = x.scalar_type() == ScalarType::Float && x.dim() == 2 &&
+                         logits.scalar_type() == ScalarType::Float && logits.dim() == 2 &&
+                         logits.size(0) == x.size(0) && experts.scalar_type() == ScalarType::Byte &&
+                         experts.dim() == 2 && logits.size(1) == experts.size(0) &&
+                         out.scalar_type() == ScalarType::Float;
+  ET_KERNEL_CHECK_MSG(ctx, ok_inputs, InvalidArgument, out,
+                      "ossedge moe: x must be float [T, H], router logits float [T, E], experts "
+                      "uint8 [E, stride]");
+  ET_KERNEL_CHECK_MSG(ctx, ossedge::tensors_ok({&x, &logits, &experts, &out}), InvalidArgument,
+                      out, "ossedge moe: every tensor must be contiguous");
+  const int64_t h = x.size(1), e = experts.size(0), stride = experts.size(1);
+  ET_KERNEL_CHECK_MSG(ctx, h % 32 == 0 && inter > 0 && inter % 32 == 0 &&
+                               stride == ossedge::pack::stride(format, h, inter) &&
+                               top_k >= 1 && top_k <= e,
+                      InvalidArgument, out, "ossedge moe: packed experts do not match x");
+  ET_KERNEL_CHECK_MSG(ctx, executorch::runtime::resize_tensor(out, x.sizes()) == Error::Ok,
+                      InvalidArgument, out, "ossedge moe: cannot resize out to [T, H]");
+  const uint8_t* base = experts.const_data_ptr<uint8_t>();
+  std::string error;
+  ossedge::ExpertSource* cached =
+      ossedge::global_layer_source(base, e, stride, format, h, inter, &error);
+  if (cached == nullptr && !error.empty()) {
+    ET_LOG(Error, "ossedge moe: %s", error.c_str());
+    ctx.fail(Error::InvalidProgram);
+    return out;
+  }
+  PackedInPlace in_place(base, e, stride, format, h, inter);
+  ossedge::MoeArgs a{};
+  a.x = x.const_data_ptr<float>();
+  a.logits = logits.const_data_ptr<float>();
+  a.tokens = x.size(0);
+  a.topk = top_k;
+  a.experts = e;
+  a.hidden = h;
+  a.intermediate = inter;
+  a.gate_up.format = a.down.format = format;
+  a.limit = static_cast<float>(limit);
+  a.alpha = static_cast<float>(alpha);
+  a.parallel = kParallel;
+  a.source = cached != nullptr ? cached : &in_place;
+  if (!ossedge::moe_forward(a, out.mutable_data_ptr<float>(), &error)) {
+    ET_LOG(Error, "ossedge moe: %s", error.c_str());
+    ctx.fail(Error::InvalidProgram);
+  }
+  return out;
+}
+
 // One kernel per stored format: the .out schema of both operators is the same.
 template <ossedge::WeightFormat kFormat>
 Tensor& moe_format_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& ids,
@@ -87,12 +168,55 @@ Tensor& moe_format_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor&
 constexpr auto moe_mxfp4_out = moe_format_out<ossedge::WeightFormat::kMxfp4>;
 constexpr auto moe_int4_out = moe_format_out<ossedge::WeightFormat::kInt4>;
 
+template <ossedge::WeightFormat kFormat>
+Tensor& moe_packed_format_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& logits,
+                              const Tensor& experts, int64_t top_k, int64_t inter, double limit,
+                              double alpha, Tensor& out) {
+  return moe_packed_out(ctx, kFormat, x, logits, experts, top_k, inter, limit, alpha, out);
+}
+
+constexpr auto moe_mxfp4_packed_out = moe_packed_format_out<ossedge::WeightFormat::kMxfp4>;
+constexpr auto moe_int4_packed_out = moe_packed_format_out<ossedge::WeightFormat::kInt4>;
+
 }  // namespace
 
 EXECUTORCH_LIBRARY(ossedge, "moe_mxfp4.out", moe_mxfp4_out);
 EXECUTORCH_LIBRARY(ossedge, "moe_int4.out", moe_int4_out);
+EXECUTORCH_LIBRARY(ossedge, "moe_mxfp4_packed.out", moe_mxfp4_packed_out);
+EXECUTORCH_LIBRARY(ossedge, "moe_int4_packed.out", moe_int4_packed_out);
 
 // For hosts that load the library with dlopen/ctypes: which SIMD path the kernels use, and a way
 // to choose another (returns 0 when this build or CPU lacks it).
 extern "C" const char* ossedge_moe_isa() { return ossedge::moe_isa(); }
 extern "C" int ossedge_moe_set_isa(const char* name) { return ossedge::moe_set_isa(name) ? 1 : 0; }
+
+// The expert cache of version-2 artifacts (expert_cache.h), for hosts: open it on model.ptd with
+// a byte budget before running the program (0 on success; else -1 and a message in `error`),
+// close it to read experts from the mapped file again, and read its counters:
+// stats[0..10) = hits, misses, bytes read, ns waited for reads, slots, slot bytes, pinned,
+// resident, layers seen, 1 if reads bypass the page cache.
+extern "C" int ossedge_expert_cache_open(const char* path, int64_t budget_bytes, int io_threads,
+                                         double lru_share, char* error, int64_t error_len) {
+  ossedge::CacheOptions o;
+  o.path = path;
+  o.budget_bytes = budget_bytes;
+  if (io_threads > 0) o.io_threads = io_threads;
+  if (lru_share >= 0.0 && lru_share <= 1.0) o.lru_share = lru_share;
+  std::string why;
+  if (ossedge::open_global_cache(o, &why)) return 0;
+  if (error != nullptr && error_len > 0) std::snprintf(error, error_len, "%s", why.c_str());
+  return -1;
+}
+
+extern "C" void ossedge_expert_cache_close() { ossedge::close_global_cache(); }
+
+extern "C" int ossedge_expert_cache_stats(int64_t* stats, int64_t n) {
+  ossedge::CacheStats s;
+  if (!ossedge::global_cache_stats(&s)) return -1;
+  const int64_t v[] = {s.hits,  s.misses,   s.bytes_read, s.wait_ns,     s.slots,
+                       s.stride, s.pinned, s.resident,   s.layers_seen, s.direct ? 1 : 0};
+  for (int64_t i = 0; i < n && i < 10; ++i) stats[i] = v[i];
+  return 0;
+}
+
+extern "C" void ossedge_expert_cache_reset_stats() { ossedge::reset_global_cache_stats(); }
