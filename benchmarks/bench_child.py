@@ -60,7 +60,8 @@ def counters(model) -> dict:
     stats = getattr(model, "expert_cache_stats", lambda: None)()
     if stats:
         out.update(cache_hits=stats["hits"], cache_misses=stats["misses"],
-                   cache_read_bytes=stats["bytes_read"], cache_wait_s=stats["wait_ns"] * 1e-9)
+                   cache_read_bytes=stats["bytes_read"], cache_wait_s=stats["wait_ns"] * 1e-9,
+                   cache_busy_s=stats["busy_ns"] * 1e-9)
     return out
 
 

@@ -23,7 +23,7 @@ from ossedge.runtime.errors import ArtifactError, BudgetError, OssedgeError
 
 MARGIN = 256 << 20  # left free under the limit: allocator slack, the tokenizer, page tables
 STATS = ("hits", "misses", "bytes_read", "wait_ns", "slots", "slot_bytes", "pinned", "resident",
-         "layers_seen", "direct")  # fmt: skip
+         "layers_seen", "direct", "busy_ns")  # fmt: skip
 
 
 class CacheOptionError(OssedgeError):

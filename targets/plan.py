@@ -269,11 +269,11 @@ def predicted_rows(measured: dict[str, Any]) -> list[dict[str, Any]]:
     for r in measured["runs"]:
         if r.get("mode") != "cache" or not r.get("limit_gib") or not r.get("decode_tok_s"):
             continue
-        p = streaming_decode(cfg, f, r["limit_gib"] << 30, storage_gbs=r["disk_read_gbps"],
-                             compute_s=1 / base)  # fmt: skip
+        disk = r.get("cache_disk_gbps") or r["disk_read_gbps"]
+        p = streaming_decode(cfg, f, r["limit_gib"] << 30, storage_gbs=disk, compute_s=1 / base)
         rows.append({"limit_gib": r["limit_gib"], "measured_tok_s": r["decode_tok_s"],
                      "measured_hit_rate": r["hit_rate"], "predicted_tok_s": p["decode_tok_s"],
-                     "predicted_hit_rate": p["hit_rate"], "disk_read_gbps": r["disk_read_gbps"]})
+                     "predicted_hit_rate": p["hit_rate"], "disk_read_gbps": disk})
     return rows
 
 

@@ -134,16 +134,21 @@ def test_a_damaged_expert_is_a_clear_error_never_logits(et_artifact, tmp_path: P
             ids = ids + 32
 
 
-def test_version_1_artifacts_still_run(tiny_ckpt, tmp_path: Path) -> None:
+def test_version_1_artifacts_still_run(et_artifact, prompt, mapped, tmp_path: Path) -> None:
+    from ossedge.assets import default_model_dir
     from ossedge.targets.executorch.export import convert
 
     out = tmp_path / "v1"
-    m = convert(tiny_ckpt, out, max_context=64, contract=1)  # verified against the checkpoint
+    m = convert(default_model_dir(), out, max_context=2048, verify_tokens=0, contract=1)
     assert m["contract_version"] == 1 and m["experts"]["op"] == "ossedge::moe_mxfp4"
-    assert m["verify"]["passed"] and store_of(m) is None
+    assert store_of(m) is None
     model = ExecuTorchModel(out)  # auto: no cache for version 1
     assert model.expert_cache_bytes == 0
-    assert model(torch.tensor([[1, 2, 3]]), cache=model.new_cache()).shape[-1] > 0
+    # the same model as the version-2 artifact: the same logits up to the routing softmax's
+    # rounding (torch's in version 1, the kernel's own in version 2) and the same greedy tokens
+    got = _greedy(model, prompt)
+    assert torch.allclose(got, mapped, rtol=1e-4, atol=1e-3)
+    assert torch.equal(got.argmax(-1), mapped.argmax(-1))
     with pytest.raises(ArtifactError, match="version-2 artifact"):
         ExecuTorchModel(out, expert_cache=1 << 30)
 

@@ -283,7 +283,8 @@ CacheApi g_cache;
 // this process read from storage (/proc/self/io read_bytes: page faults and preads alike) and
 // its major page faults.
 struct Counters {
-  int64_t hits = 0, misses = 0, cache_bytes = 0, wait_ns = 0, read_bytes = 0, major_faults = 0;
+  int64_t hits = 0, misses = 0, cache_bytes = 0, wait_ns = 0, busy_ns = 0, read_bytes = 0,
+      major_faults = 0;
 };
 
 int64_t proc_read_bytes() {
@@ -298,9 +299,9 @@ int64_t proc_read_bytes() {
 Counters counters_now() {
   Counters c;
   if (g_cache.on) {
-    int64_t v[4] = {};
-    g_cache.stats(v, 4);
-    c.hits = v[0], c.misses = v[1], c.cache_bytes = v[2], c.wait_ns = v[3];
+    int64_t v[11] = {};
+    g_cache.stats(v, 11);
+    c.hits = v[0], c.misses = v[1], c.cache_bytes = v[2], c.wait_ns = v[3], c.busy_ns = v[10];
   }
   c.read_bytes = proc_read_bytes();
   rusage ru{};
@@ -310,8 +311,9 @@ Counters counters_now() {
 }
 
 Counters operator-(const Counters& a, const Counters& b) {
-  return {a.hits - b.hits, a.misses - b.misses, a.cache_bytes - b.cache_bytes,
-          a.wait_ns - b.wait_ns, a.read_bytes - b.read_bytes, a.major_faults - b.major_faults};
+  return {a.hits - b.hits,           a.misses - b.misses,         a.cache_bytes - b.cache_bytes,
+          a.wait_ns - b.wait_ns,       a.busy_ns - b.busy_ns,       a.read_bytes - b.read_bytes,
+          a.major_faults - b.major_faults};
 }
 
 std::string counters_json(const Counters& c) {
@@ -319,7 +321,8 @@ std::string counters_json(const Counters& c) {
   o << "{\"read_bytes\":" << c.read_bytes << ",\"major_faults\":" << c.major_faults;
   if (g_cache.on) {
     o << ",\"cache_hits\":" << c.hits << ",\"cache_misses\":" << c.misses
-      << ",\"cache_read_bytes\":" << c.cache_bytes << ",\"cache_wait_s\":" << c.wait_ns * 1e-9;
+      << ",\"cache_read_bytes\":" << c.cache_bytes << ",\"cache_wait_s\":" << c.wait_ns * 1e-9
+      << ",\"cache_busy_s\":" << c.busy_ns * 1e-9;
   }
   return o.str() + "}";
 }

@@ -343,6 +343,7 @@ class Cache final : public ExpertCache {
       jobs_.push_back({&e, at, std::min(chunk, length - at)});
     }
     stats_.bytes_read += length;
+    if (in_flight_++ == 0) busy_since_ = Clock::now();
     work_cv_.notify_all();
     return true;
   }
@@ -369,6 +370,7 @@ class Cache final : public ExpertCache {
         e.error = bad;
       }
       e.state = e.error.empty() ? State::kReady : State::kFailed;
+      if (--in_flight_ == 0) stats_.busy_ns += (Clock::now() - busy_since_).count();
       ready_cv_.notify_all();
     }
   }
@@ -427,6 +429,8 @@ class Cache final : public ExpertCache {
   size_t slab_bytes_ = 0;
   std::vector<int64_t> free_;
   uint64_t tick_ = 0;
+  int64_t in_flight_ = 0;  // experts being read
+  Clock::time_point busy_since_{};
   CacheStats stats_;
 };
 

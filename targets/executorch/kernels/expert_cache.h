@@ -31,7 +31,8 @@ struct CacheOptions {
 
 struct CacheStats {
   int64_t hits = 0, misses = 0, bytes_read = 0;
-  int64_t wait_ns = 0;   // time acquire() spent waiting for reads
+  int64_t wait_ns = 0;   // time callers spent waiting for reads
+  int64_t busy_ns = 0;   // time at least one read was in flight
   int64_t slots = 0, stride = 0, pinned = 0, resident = 0;
   int64_t layers_seen = 0;
   bool direct = false;

@@ -131,7 +131,7 @@ Tensor& moe_packed_out(KernelRuntimeContext& ctx, ossedge::WeightFormat format, 
   ossedge::ExpertSource* cached =
       ossedge::global_layer_source(base, e, stride, format, h, inter, &error);
   if (cached == nullptr && !error.empty()) {
-    ET_LOG(Error, "ossedge moe: %s", error.c_str());
+    std::fprintf(stderr, "ossedge moe: %s\n", error.c_str());  // ET_LOG may be compiled out
     ctx.fail(Error::InvalidProgram);
     return out;
   }
@@ -150,7 +150,7 @@ Tensor& moe_packed_out(KernelRuntimeContext& ctx, ossedge::WeightFormat format, 
   a.parallel = kParallel;
   a.source = cached != nullptr ? cached : &in_place;
   if (!ossedge::moe_forward(a, out.mutable_data_ptr<float>(), &error)) {
-    ET_LOG(Error, "ossedge moe: %s", error.c_str());
+    std::fprintf(stderr, "ossedge moe: %s\n", error.c_str());  // ET_LOG may be compiled out
     ctx.fail(Error::InvalidProgram);
   }
   return out;
@@ -193,8 +193,8 @@ extern "C" int ossedge_moe_set_isa(const char* name) { return ossedge::moe_set_i
 // The expert cache of version-2 artifacts (expert_cache.h), for hosts: open it on model.ptd with
 // a byte budget before running the program (0 on success; else -1 and a message in `error`),
 // close it to read experts from the mapped file again, and read its counters:
-// stats[0..10) = hits, misses, bytes read, ns waited for reads, slots, slot bytes, pinned,
-// resident, layers seen, 1 if reads bypass the page cache.
+// stats[0..11) = hits, misses, bytes read, ns waited for reads, slots, slot bytes, pinned,
+// resident, layers seen, 1 if reads bypass the page cache, ns with a read in flight.
 extern "C" int ossedge_expert_cache_open(const char* path, int64_t budget_bytes, int io_threads,
                                          double lru_share, char* error, int64_t error_len) {
   ossedge::CacheOptions o;
@@ -214,8 +214,9 @@ extern "C" int ossedge_expert_cache_stats(int64_t* stats, int64_t n) {
   ossedge::CacheStats s;
   if (!ossedge::global_cache_stats(&s)) return -1;
   const int64_t v[] = {s.hits,  s.misses,   s.bytes_read, s.wait_ns,     s.slots,
-                       s.stride, s.pinned, s.resident,   s.layers_seen, s.direct ? 1 : 0};
-  for (int64_t i = 0; i < n && i < 10; ++i) stats[i] = v[i];
+                       s.stride, s.pinned, s.resident,   s.layers_seen, s.direct ? 1 : 0,
+                       s.busy_ns};
+  for (int64_t i = 0; i < n && i < 11; ++i) stats[i] = v[i];
   return 0;
 }
 
