@@ -101,11 +101,12 @@ def test_artifact_contract(artifact):
     for name, value in methods.items():
         got = model.program.run_method(name, ())
         assert (list(got) if isinstance(value, list) else got[0]) == value, name
-    # every expert tensor has its own page-aligned segment in the data file
+    # every layer's packed experts have their own page-aligned segment in the data file, where
+    # the manifest says
     entries = read_index(artifact / "model.ptd").entries()
-    experts = [k for k in entries if ".mlp.gate_up_data" in k or ".mlp.down_data" in k]
-    assert len(experts) == 2 * 4
-    assert len({entries[k][0] for k in experts}) == len(experts)
+    experts = [k for k in entries if k.endswith(".mlp.experts")]
+    assert len(experts) == 4
+    assert [entries[f"blocks.{n}.mlp.experts"][0] for n in range(4)] == m["experts"]["store"]["offsets"]
     assert all(entries[k][0] % 4096 == 0 for k in experts)
 
 
@@ -113,13 +114,19 @@ def test_expert_bytes_are_the_checkpoints(artifact):
     """The real MXFP4 bytes, not the export's placeholders, sit in model.ptd."""
     ckpt = open_checkpoint(default_model_dir())
     entries = read_index(artifact / "model.ptd").entries()
+    from ossedge.targets.executorch.pack import Layout
+
+    cfg = ckpt.config
+    layout = Layout("mxfp4", cfg.hidden_size, cfg.intermediate_size)
+    at, size = layout.parts()["down_codes"]
     with open(artifact / "model.ptd", "rb") as f:
         for layer in (0, 3):
             w = ckpt.weight(f"model.layers.{layer}.mlp.experts.down_proj")
-            want = w.parts["blocks"].contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
-            offset, size = entries[f"blocks.{layer}.mlp.down_data"]
-            f.seek(offset)
-            assert size == len(want) and f.read(size) == want
+            offset, _ = entries[f"blocks.{layer}.mlp.experts"]
+            for e in (0, cfg.num_local_experts - 1):  # each expert's codes inside its extent
+                want = w.parts["blocks"][e].contiguous().view(torch.uint8).reshape(-1)
+                f.seek(offset + e * layout.stride + at)
+                assert size == want.numel() and f.read(size) == want.numpy().tobytes()
 
 
 def test_parity_past_window_and_ring_wrap(artifact):
