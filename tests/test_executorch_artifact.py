@@ -140,7 +140,7 @@ def test_parity_past_window_and_ring_wrap(artifact):
 def test_int4_experts_parity(artifact_int4):
     ckpt, art = artifact_int4
     m = json.loads((art / "manifest.json").read_text())
-    assert m["experts"]["op"] == "ossedge::moe_int4"
+    assert m["experts"]["op"] == "ossedge::moe_int4_packed"
     errors, agree = _parity(art, ckpt, "int4", [5, 6, 1, 1, 1, 4, 1, 1, 1, 1, 1, 6, 1])
     # random weights and tokens: XNNPACK's int8 linears and the kernels' int8 expert inputs each
     # move the logits by a few percent, more where a router flip picks another expert (2-8%
