@@ -38,7 +38,8 @@ kernels: $(KERNELS)
 # The native benchmark runner (benchmarks/runner), built the same way into build/runner and copied
 # to benchmarks/runner/bin with the kernel library beside it, where it looks by default.
 RUNNER := benchmarks/runner/bin/ossedge_runner
-RUNNER_SRC := benchmarks/runner/ossedge_runner.cpp benchmarks/runner/CMakeLists.txt
+RUNNER_SRC := benchmarks/runner/ossedge_runner.cpp benchmarks/runner/runner_support.h \
+	benchmarks/runner/CMakeLists.txt
 
 $(RUNNER): $(STAMP) $(KERNELS) $(RUNNER_SRC) | $(CMAKE)
 	$(CMAKE) -S benchmarks/runner -B build/runner -DCMAKE_BUILD_TYPE=Release -DOSSEDGE_RUNNER_KERNELS=OFF \

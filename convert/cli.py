@@ -12,19 +12,10 @@ from pathlib import Path
 import click
 
 from ossedge import __version__
+from ossedge.convert.cli_common import DTYPES, _load, _progress, _tokenizer_dir, read_text
+from ossedge.convert.cli_run import chat, generate, profile_experts
 from ossedge.quantize.recipes import DEFAULT_RECIPE, RECIPES
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-
-
-def _progress() -> bool:
-    return sys.stderr.isatty()
-
-
-def _dtype(name: str):
-    import torch
-
-    return getattr(torch, DTYPES[name])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -83,175 +74,8 @@ def inspect(path: Path, as_json: bool) -> None:
     click.echo(json.dumps(s, indent=2) if as_json else format_summary(s))
 
 
-def _sampler(temperature: float, top_k: int | None, top_p: float | None, seed: int | None):
-    from ossedge.runtime.sampling import Sampler
-
-    try:
-        return Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
 
 
-def _model_path(ckpt: Path | None) -> Path:
-    """CKPT, or the bundled trained tiny model when none is given."""
-    if ckpt is not None:
-        return ckpt
-    from ossedge.assets import default_model_dir
-
-    return default_model_dir()
-
-
-def _tokenizer_dir(ckpt: Path) -> Path:
-    from ossedge.runtime.checkpoint import detect_layout
-
-    root, _ = detect_layout(ckpt)
-    return root if (root / "tokenizer.json").exists() else root.parent
-
-
-def _load(ckpt: Path, dtype: str, *, verify: bool = False, expert_cache: str = "auto"):
-    """(model, tokenizer) of a checkpoint, quantized checkpoint or artifact (ExecuTorch, or Core
-    ML on macOS)."""
-    from ossedge.runtime import load_model
-    from ossedge.runtime.artifacts import artifact_format, open_artifact
-    from ossedge.runtime.executorch import is_artifact
-    from ossedge.runtime.tokenizer import Tokenizer
-
-    if is_artifact(ckpt) or artifact_format(ckpt):
-        return (open_artifact(ckpt, checksums=verify, expert_cache=_cache_option(expert_cache)),
-                Tokenizer.from_dir(ckpt))  # fmt: skip
-    tokenizer = Tokenizer.from_dir(_tokenizer_dir(ckpt))
-    return load_model(ckpt, dtype=_dtype(dtype), verify=verify), tokenizer
-
-
-sampling_options = [
-    click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True),
-    click.option("--temperature", type=float, default=1.0, show_default=True, help="0 = greedy."),
-    click.option("--top-p", type=float, default=None, help="Nucleus sampling threshold in (0, 1]."),
-    click.option("--top-k", type=click.IntRange(min=1), default=None),
-    click.option("--seed", type=int, default=None, help="Seed for reproducible sampling."),
-    click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True),
-]
-
-
-EXPERT_CACHE_HELP = (
-    "ExecuTorch artifacts: read experts through a cache of this many bytes of anonymous memory "
-    "(e.g. 6G), off (the memory-mapped model.ptd), or auto: off where the artifact fits in this "
-    "process's memory limit, else a cache of the limit minus the resident rest.")
-expert_cache_option = click.option("--expert-cache", default="auto", show_default=True,
-                                   help=EXPERT_CACHE_HELP)
-
-
-def _cache_option(value: str):
-    from ossedge.runtime.expert_cache import CacheOptionError, parse_option
-
-    try:
-        return parse_option(value)
-    except CacheOptionError as e:
-        raise click.BadParameter(str(e).removeprefix("--expert-cache "),
-                                 param_hint="--expert-cache") from None  # fmt: skip
-
-
-def with_sampling(f):
-    for option in reversed(sampling_options):
-        f = option(f)
-    return f
-
-
-@cli.command()
-@click.argument("ckpt", type=click.Path(path_type=Path), required=False)
-@click.option("--prompt", required=True, help="Text to continue.")
-@with_sampling
-@expert_cache_option
-def generate(ckpt, prompt, max_new_tokens, temperature, top_p, top_k, seed, dtype,
-             expert_cache) -> None:
-    """Continue PROMPT with the reference runtime, streaming the text to stdout.
-
-    CKPT is a checkpoint, quantized checkpoint or ExecuTorch artifact directory; without it, the
-    bundled tiny trained model."""
-    from ossedge.runtime.generate import generate as run, stop_ids_for
-
-    ckpt = _model_path(ckpt)
-    sampler = _sampler(temperature, top_k, top_p, seed)
-    model, tok = _load(ckpt, dtype, expert_cache=expert_cache)
-    prompt_ids = tok.encode(prompt)
-    if not prompt_ids:
-        raise click.BadParameter("the prompt is empty", param_hint="--prompt")
-    stop_ids = stop_ids_for(ckpt, tok)  # before any output: a bad config fails cleanly
-    click.echo(prompt, nl=False)
-    result = run(
-        model,
-        tok,
-        prompt_ids,
-        max_new_tokens=max_new_tokens,
-        sampler=sampler,
-        stop_ids=stop_ids,
-        on_text=lambda piece: click.echo(piece, nl=False),
-    )
-    click.echo()
-    click.echo(
-        f"[{len(result.ids)} tokens, stop: {result.stop_reason}, prefill "
-        f"{result.prefill_tok_s:.1f} tok/s, decode {result.decode_tok_s:.1f} tok/s]",
-        err=True,
-    )
-
-
-@cli.command()
-@click.argument("ckpt", type=click.Path(path_type=Path), required=False)
-@click.option(
-    "--reasoning-effort", type=click.Choice(["low", "medium", "high"]), default="medium",
-    show_default=True,
-)
-@click.option("--show-reasoning", is_flag=True, help="Also print the analysis channel (dimmed).")
-@click.option("--system", "instructions", default=None, help="Developer instructions.")
-@with_sampling
-@expert_cache_option
-def chat(
-    ckpt, reasoning_effort, show_reasoning, instructions, max_new_tokens, temperature, top_p,
-    top_k, seed, dtype, expert_cache,
-) -> None:
-    """Chat in the harmony format. One user message per line; Ctrl-D or /exit ends.
-
-    CKPT is a checkpoint, quantized checkpoint or ExecuTorch artifact directory; without it, the
-    bundled tiny trained model."""
-    from ossedge.runtime.generate import chat_turn
-    from ossedge.runtime.harmony import Message
-
-    ckpt = _model_path(ckpt)
-    sampler = _sampler(temperature, top_k, top_p, seed)
-    model, tok = _load(ckpt, dtype, expert_cache=expert_cache)
-    interactive = sys.stdin.isatty()
-    messages: list[Message] = []
-    if instructions:
-        messages.append(Message(role="developer", content=instructions))
-    while True:
-        if interactive:
-            click.echo(click.style("you> ", bold=True), nl=False, err=True)
-        line = sys.stdin.readline()
-        if not line or line.strip() == "/exit":
-            break
-        if not line.strip():
-            continue
-        messages.append(Message(role="user", content=line.rstrip("\n")))
-        reply = chat_turn(
-            model,
-            tok,
-            messages,
-            reasoning_effort=reasoning_effort,
-            sampler=sampler,
-            max_new_tokens=max_new_tokens,
-            show_reasoning=show_reasoning,
-            on_text=lambda piece: click.echo(piece, nl=False),
-            on_reasoning=lambda piece: click.echo(click.style(piece, dim=True), nl=False, err=True),
-        )
-        click.echo()
-        if not reply.final:
-            hint = "" if show_reasoning else "; --show-reasoning shows the analysis channel"
-            click.echo(
-                f"[no final answer: {reply.meta.get('new_tokens', 0)} tokens, stop: "
-                f"{reply.stop_reason}{hint}]",
-                err=True,
-            )
-        messages.extend(reply.messages)
 
 
 @cli.command()
@@ -304,16 +128,10 @@ def _gb(n: int) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def eval_(model, reference, text, window, max_tokens, dtype, as_json) -> None:
     """Perplexity, KL divergence and top-1 agreement of MODEL against the reference CKPT."""
-    from ossedge.runtime.evaluate import default_text, describe, evaluate
+    from ossedge.runtime.evaluate import describe, evaluate
     from ossedge.runtime.quantized import sha256_file
 
-    if text is None:
-        body, label = default_text()
-    else:
-        try:
-            body, label = text.read_text("utf-8"), str(text)
-        except (OSError, UnicodeDecodeError) as e:
-            raise click.BadParameter(f"cannot read {text} as UTF-8 text ({e})", param_hint="--text")
+    body, label = read_text(text)
     tok_dirs = [_tokenizer_dir(p) for p in (model, reference)]
     files = [d / "tokenizer.json" for d in tok_dirs]
     if all(f.is_file() for f in files) and sha256_file(files[0]) != sha256_file(files[1]):
@@ -510,54 +328,6 @@ def _record_plan(out: Path, manifest: dict, option, device_name: str) -> None:
     os.replace(tmp, out / "manifest.json")
 
 
-@cli.command(name="profile-experts")
-@click.argument("model", type=click.Path(path_type=Path), required=False)
-@click.option("--text", type=click.Path(path_type=Path), default=None,
-              help="UTF-8 text to route [default: the packaged held-out evaluation text].")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=4096, show_default=True)
-@click.option("--window", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Tokens per forward pass (each window from its own start).")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True)
-@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True)
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
-def profile_experts(model, text, max_tokens, window, dtype, out, force) -> None:
-    """Count how often each layer's router selects each expert over a text, with the reference
-    runtime, into PROFILE.json (for `convert --expert-profile` and `ossedge plan`).
-
-    MODEL is a checkpoint or quantized checkpoint; without it, the bundled tiny trained model."""
-    from ossedge.runtime.atomic import write_json
-    from ossedge.runtime.errors import OutputExistsError
-    from ossedge.runtime.evaluate import default_text
-    from ossedge.runtime.profile import make_profile, profile_experts as run
-
-    model = _model_path(model)
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} already exists; pass --force to replace it")
-    if text is None:
-        body, label = default_text()
-    else:
-        try:
-            body, label = text.read_text("utf-8"), str(text)
-        except (OSError, UnicodeDecodeError) as e:
-            raise click.BadParameter(f"cannot read {text} as UTF-8 text ({e})", param_hint="--text")
-    from ossedge.runtime.model import GptOssModel
-
-    mdl, tok = _load(model, dtype)
-    if not isinstance(mdl, GptOssModel):
-        raise click.BadParameter(f"{model} is an artifact; profile the checkpoint it was made from",
-                                 param_hint="MODEL")  # fmt: skip
-    ids = tok.encode(body)[:max_tokens]
-    if not ids:
-        raise click.BadParameter(f"{label} has no tokens", param_hint="--text")
-    counts = run(mdl, ids, window=window, progress=_progress())
-    p = make_profile(counts, top_k=mdl.config.num_experts_per_tok, tokens=len(ids), text=label)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, p)
-    share = p["top_quarter_share"]
-    click.echo(f"wrote {out}: {len(ids)} tokens of {label}, {p['layers']} layers × "
-               f"{p['experts']} experts; a layer's most selected quarter of experts takes "
-               f"{min(share):.0%}–{max(share):.0%} of its selections (median "
-               f"{sorted(share)[len(share) // 2]:.0%}; uniform routing 25%)")
 
 
 @cli.command()
@@ -632,6 +402,9 @@ def verify(artifact, reference, tokens, tolerance, as_json) -> None:
 from ossedge.convert.cli_bench import bench  # noqa: E402  (commands in their own modules)
 from ossedge.convert.cli_devices import bundle, plan  # noqa: E402
 
+cli.add_command(generate)
+cli.add_command(chat)
+cli.add_command(profile_experts)
 cli.add_command(plan)
 cli.add_command(bundle)
 cli.add_command(bench)

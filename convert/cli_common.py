@@ -1,0 +1,108 @@
+"""What the `ossedge` commands share: loading a model or artifact, sampling and expert-cache
+options, reading a text argument."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def _sampler(temperature: float, top_k: int | None, top_p: float | None, seed: int | None):
+    from ossedge.runtime.sampling import Sampler
+
+    try:
+        return Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _model_path(ckpt: Path | None) -> Path:
+    """CKPT, or the bundled trained tiny model when none is given."""
+    if ckpt is not None:
+        return ckpt
+    from ossedge.assets import default_model_dir
+
+    return default_model_dir()
+
+
+def _tokenizer_dir(ckpt: Path) -> Path:
+    from ossedge.runtime.checkpoint import detect_layout
+
+    root, _ = detect_layout(ckpt)
+    return root if (root / "tokenizer.json").exists() else root.parent
+
+
+def _load(ckpt: Path, dtype: str, *, verify: bool = False, expert_cache: str = "auto"):
+    """(model, tokenizer) of a checkpoint, quantized checkpoint or artifact (ExecuTorch, or Core
+    ML on macOS)."""
+    from ossedge.runtime import load_model
+    from ossedge.runtime.artifacts import artifact_format, open_artifact
+    from ossedge.runtime.executorch import is_artifact
+    from ossedge.runtime.tokenizer import Tokenizer
+
+    if is_artifact(ckpt) or artifact_format(ckpt):
+        return (open_artifact(ckpt, checksums=verify, expert_cache=_cache_option(expert_cache)),
+                Tokenizer.from_dir(ckpt))  # fmt: skip
+    tokenizer = Tokenizer.from_dir(_tokenizer_dir(ckpt))
+    return load_model(ckpt, dtype=_dtype(dtype), verify=verify), tokenizer
+
+
+sampling_options = [
+    click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True),
+    click.option("--temperature", type=float, default=1.0, show_default=True, help="0 = greedy."),
+    click.option("--top-p", type=float, default=None, help="Nucleus sampling threshold in (0, 1]."),
+    click.option("--top-k", type=click.IntRange(min=1), default=None),
+    click.option("--seed", type=int, default=None, help="Seed for reproducible sampling."),
+    click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True),
+]
+
+
+EXPERT_CACHE_HELP = (
+    "ExecuTorch artifacts: read experts through a cache of this many bytes of anonymous memory "
+    "(e.g. 6G), off (the memory-mapped model.ptd), or auto: off where the artifact fits in this "
+    "process's memory limit, else a cache of the limit minus the resident rest.")
+expert_cache_option = click.option("--expert-cache", default="auto", show_default=True,
+                                   help=EXPERT_CACHE_HELP)
+
+
+def _cache_option(value: str):
+    from ossedge.runtime.expert_cache import CacheOptionError, parse_option
+
+    try:
+        return parse_option(value)
+    except CacheOptionError as e:
+        raise click.BadParameter(str(e).removeprefix("--expert-cache "),
+                                 param_hint="--expert-cache") from None  # fmt: skip
+
+
+def with_sampling(f):
+    for option in reversed(sampling_options):
+        f = option(f)
+    return f
+
+
+def read_text(text: Path | None) -> tuple[str, str]:
+    """(body, label) of a --text file, or of the packaged held-out text when None."""
+    from ossedge.runtime.evaluate import default_text
+
+    if text is None:
+        return default_text()
+    try:
+        return text.read_text("utf-8"), str(text)
+    except (OSError, UnicodeDecodeError) as e:
+        raise click.BadParameter(f"cannot read {text} as UTF-8 text ({e})",
+                                 param_hint="--text") from None  # fmt: skip
