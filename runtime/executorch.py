@@ -35,12 +35,16 @@ def quiet_imports() -> None:
 
 
 @contextlib.contextmanager
-def _stderr_to(path: Path) -> Iterator[None]:
-    """Send the process's stderr (file descriptor 2, where native code logs) to `path`."""
+def _stderr_to(path: Path | int) -> Iterator[None]:
+    """Send the process's stderr (file descriptor 2, where native code logs) to `path`, or to the
+    open file descriptor `path`."""
     sys.stderr.flush()
     saved = os.dup(2)
-    with open(path, "wb") as f:
-        os.dup2(f.fileno(), 2)
+    if isinstance(path, int):
+        os.dup2(path, 2)
+    else:
+        with open(path, "wb") as f:
+            os.dup2(f.fileno(), 2)
     try:
         yield
     finally:
@@ -210,6 +214,7 @@ class ExecuTorchModel:
         read_index(self.root / "model.ptd")  # a clear error for a corrupt data file
         self.kernels = load_kernels()
         self.expert_cache_bytes = self._open_cache(expert_cache_option(expert_cache))
+        self._log = None  # where forward's native log goes while the cache is on
         from executorch.extension.pybindings import portable_lib
 
         # ExecuTorch logs CPU probing at load; keep it, and show it only when loading fails.
@@ -268,15 +273,18 @@ class ExecuTorchModel:
             except RuntimeError as e:
                 raise ArtifactError(f"{self.root}: forward failed ({e})") from None
         # With the cache, a failed read (I/O error, damaged extent) is logged by the kernel:
-        # catch that line for the error.
-        with tempfile.TemporaryDirectory() as d:
-            log = Path(d) / "forward.log"
-            try:
-                with _stderr_to(log):
-                    out = self.program.forward(args)
-            except RuntimeError as e:
-                detail = _last_error_line(log.read_text(errors="replace")) or str(e)
-                raise ArtifactError(f"{self.root}: forward failed: {detail}") from None
+        # catch that line for the error (one log file for the model's life, emptied per call).
+        if self._log is None:
+            self._log = tempfile.TemporaryFile()
+        self._log.seek(0)
+        self._log.truncate()
+        try:
+            with _stderr_to(self._log.fileno()):
+                out = self.program.forward(args)
+        except RuntimeError as e:
+            self._log.seek(0)
+            detail = _last_error_line(self._log.read().decode(errors="replace")) or str(e)
+            raise ArtifactError(f"{self.root}: forward failed: {detail}") from None
         return out[0].reshape(-1)
 
     def __call__(
