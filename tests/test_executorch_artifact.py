@@ -236,11 +236,11 @@ def test_truncated_ptd_is_named(artifact, tmp_path):
 
 
 def test_rewrite_refuses_wrong_sizes(artifact, tmp_path):
-    key = "blocks.0.mlp.down_scale"
+    key = "blocks.0.mlp.experts"  # each thunk is called with its segment's offset
     with pytest.raises(PtdError, match="checkpoint does not match"):
-        rewrite(artifact / "model.ptd", tmp_path / "x.ptd", {key: lambda: torch.zeros(3)})
+        rewrite(artifact / "model.ptd", tmp_path / "x.ptd", {key: lambda at: torch.zeros(3)})
     with pytest.raises(PtdError, match="no constant named"):
-        rewrite(artifact / "model.ptd", tmp_path / "y.ptd", {"nope": lambda: torch.zeros(3)})
+        rewrite(artifact / "model.ptd", tmp_path / "y.ptd", {"nope": lambda at: torch.zeros(3)})
 
 
 def test_kernel_library_missing(artifact, tmp_path, monkeypatch):
