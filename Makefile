@@ -31,13 +31,15 @@ $(KERNELS): $(STAMP) $(KERNEL_SRC) | $(CMAKE)
 	$(CMAKE) -S targets/executorch/kernels -B build/kernels -DCMAKE_BUILD_TYPE=Release \
 		-DEXECUTORCH_ROOT="$$($(BIN)/python -c 'import executorch; print(list(executorch.__path__)[0])')" >/dev/null
 	$(CMAKE) --build build/kernels -j2
-	mkdir -p $(dir $(KERNELS)) && cp build/kernels/libossedge_kernels.so $(KERNELS)
+	mkdir -p $(dir $(KERNELS)) && cp build/kernels/libossedge_kernels.so $(KERNELS).new && mv -f $(KERNELS).new $(KERNELS)
 
 kernels: $(KERNELS)
 
 # The native benchmark runner (benchmarks/runner), built the same way into build/runner and copied
-# to benchmarks/runner/bin with the kernel library beside it, where it looks by default.
+# to benchmarks/runner/bin with the kernel library beside it, where it looks by default. Files are
+# replaced by rename, so a process running the old ones keeps its mapping intact.
 RUNNER := benchmarks/runner/bin/ossedge_runner
+RUNNER_LIB := benchmarks/runner/bin/libossedge_kernels.so
 RUNNER_SRC := benchmarks/runner/ossedge_runner.cpp benchmarks/runner/runner_support.h \
 	benchmarks/runner/CMakeLists.txt
 
@@ -45,7 +47,8 @@ $(RUNNER): $(STAMP) $(KERNELS) $(RUNNER_SRC) | $(CMAKE)
 	$(CMAKE) -S benchmarks/runner -B build/runner -DCMAKE_BUILD_TYPE=Release -DOSSEDGE_RUNNER_KERNELS=OFF \
 		-DEXECUTORCH_ROOT="$$($(BIN)/python -c 'import executorch; print(list(executorch.__path__)[0])')" >/dev/null
 	$(CMAKE) --build build/runner -j2
-	mkdir -p $(dir $(RUNNER)) && cp build/runner/ossedge_runner $(RUNNER) && cp $(KERNELS) $(dir $(RUNNER))
+	mkdir -p $(dir $(RUNNER)) && cp build/runner/ossedge_runner $(RUNNER).new && mv -f $(RUNNER).new $(RUNNER)
+	cp $(KERNELS) $(RUNNER_LIB).new && mv -f $(RUNNER_LIB).new $(RUNNER_LIB)
 
 install: $(STAMP) $(KERNELS) $(RUNNER)
 

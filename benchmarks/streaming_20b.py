@@ -1,10 +1,14 @@
 """Streaming gpt-oss-20b inside a phone's memory budget: the native runner under memory cgroups of
 10, 8 and 6 GiB and unconstrained, side by side in one run — today's memory-mapped experts
 (`--expert-cache off`, the page cache holds what fits) against the expert cache
-(`--expert-cache auto`: the limit minus the resident rest, misses read with O_DIRECT).
+(`--expert-cache auto`: the limit minus the resident rest, misses read with O_DIRECT) and, with
+`--modes …,route1,route2`, the cache with lossy `--cache-aware-routing 1` or `2`, and with
+`--ahead-artifact DIR` (the same checkpoint converted with `--lookahead`) the cache on that
+artifact, whose MoE ops start the next layer's likely reads early (mode `ahead`).
 
     python -m ossedge.benchmarks.streaming_20b --artifact out/20b-et [--ckpt out/gpt-oss-20b-synth]
-        [--routing uniform|skewed] [--limits 10,8,6] [--prompt 128] [--gen-tokens 64]
+        [--routing uniform|skewed] [--limits 10,8,6] [--modes mmap,cache,route2,route1]
+        [--prompt 128] [--gen-tokens 64]
         [--out benchmarks/results/streaming-20b]
 
 Before every run the artifact's pages are dropped from the page cache and the disk's read rate
@@ -22,6 +26,7 @@ import json
 import mmap
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -70,7 +75,9 @@ def run_one(artifact: Path, mode: str, limit_gib: int | None, a, out: Path) -> d
     ids = ",".join(map(str, prompt_ids(a.prompt, vocab, 0)))
     argv = [str(native_runner()), "--model", str(artifact), "--kernels", str(kernel_library()),
             "--prompt-ids", ids, "--gen-tokens", str(a.gen_tokens), "--runs", "1", "--warmup", "0",
-            "--expert-cache", "auto" if mode == "cache" else "off"]  # fmt: skip
+            "--expert-cache", "off" if mode == "mmap" else "auto"]  # fmt: skip
+    if mode.startswith("route"):  # routeK: the cache with --cache-aware-routing K
+        argv += ["--cache-aware-routing", mode.removeprefix("route")]
     evict([artifact])
     disk = disk_read_gbps(artifact / "model.ptd", extent=store["stride"])
     evict([artifact])
@@ -84,7 +91,10 @@ def run_one(artifact: Path, mode: str, limit_gib: int | None, a, out: Path) -> d
     row: dict[str, Any] = {"limit_gib": limit_gib, "mode": mode, "disk_read_gbps": round(disk, 3),
                            "wall_s": round(wall, 1)}  # fmt: skip
     if p is None or p.returncode:
-        why = "timed out" if p is None else (p.stderr.strip().splitlines() or ["?"])[-1]
+        # the runner's own last line, not ExecuTorch's log ("I 00:00:00.01 …")
+        said = [] if p is None else [x for x in p.stderr.splitlines()
+                                     if x.strip() and not re.match(r"[IWE] \d\d:\d\d", x)]
+        why = "timed out" if p is None else f"exit {p.returncode}: {(said or ['?'])[-1]}"
         row.update(decode_tok_s=None, error=f"{why} after {wall:.0f} s")
         return row
     raw = json.loads(p.stdout.strip().splitlines()[-1])
@@ -107,6 +117,12 @@ def run_one(artifact: Path, mode: str, limit_gib: int | None, a, out: Path) -> d
                          if io.get("cache_busy_s") else None),
         disk_busy_share=(round(io["cache_busy_s"] / r["decode_s"], 3)
                          if io.get("cache_busy_s") is not None else None),  # fmt: skip
+        prefetched_per_token=(round(io["prefetched"] / tokens, 2)
+                              if io.get("prefetched") is not None else None),
+        prefetch_used_share=(round(io["prefetch_used"] / io["prefetched"], 4)
+                             if io.get("prefetched") else None),
+        rerouted_share=(round(io["rerouted"] / (hits + misses), 4)
+                        if io.get("rerouted") is not None and hits + misses else None),
         cache_slots=cache.get("slots"),
         cache_budget_bytes=cache.get("budget_bytes"),
         peak_rss_bytes=raw["rss"].get("VmHWM"),
@@ -142,12 +158,21 @@ def report(summary: dict[str, Any], out: Path, stem: str) -> None:
 
     runs = [r for r in summary["runs"] if r.get("limit_gib")]
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    for mode, style in (("mmap", "o--"), ("cache", "s-")):
-        pts = [(r["limit_gib"], r["decode_tok_s"] or 0) for r in runs if r["mode"] == mode]
-        ax[0].plot(*zip(*sorted(pts)), style, label=f"--expert-cache {'off' if mode == 'mmap' else 'auto'}")
-        if mode == "cache":
-            pts = [(r["limit_gib"], r["hit_rate"] or 0) for r in runs if r["mode"] == mode]
-            ax[1].plot(*zip(*sorted(pts)), style, label="hit rate")
+    styles = {"mmap": "o--", "cache": "s-", "ahead": "D-", "route2": "^-", "route1": "v-"}
+    labels = {"mmap": "--expert-cache off", "cache": "--expert-cache auto",
+              "ahead": "auto, lookahead artifact",
+              "route2": "auto, --cache-aware-routing 2", "route1": "auto, --cache-aware-routing 1"}
+    for mode, style in styles.items():
+        pts = [(r["limit_gib"], r.get("decode_tok_s") or 0) for r in runs if r["mode"] == mode]
+        if not pts:
+            continue
+        ax[0].plot(*zip(*sorted(pts)), style, label=labels[mode])
+        if mode != "mmap":
+            label = "hit rate" if mode == "cache" else f"hit rate, {labels[mode].split(', ')[1]}"
+            if mode == "ahead":
+                label = "hit rate (prefetched counted), lookahead"
+            pts = [(r["limit_gib"], r.get("hit_rate") or 0) for r in runs if r["mode"] == mode]
+            ax[1].plot(*zip(*sorted(pts)), style, label=label)
     u = summary["unconstrained_decode_tok_s"]
     ax[0].axhline(u, color="grey", lw=0.8, label=f"unconstrained {u:.1f}")
     ax[0].set(xlabel="memory limit (GiB)", ylabel="decode tok/s", yscale="log",
@@ -158,9 +183,10 @@ def report(summary: dict[str, Any], out: Path, stem: str) -> None:
     fig.tight_layout()
     fig.savefig(out / f"{stem}.png", dpi=110)
     cols = ("limit_gib", "mode", "decode_tok_s", "ratio_to_unconstrained", "prefill_tok_s",
-            "hit_rate", "read_bytes_per_token", "major_faults_per_token", "disk_read_gbps",
-            "cache_disk_gbps", "disk_busy_share", "io_bound_tok_s", "of_io_bound",
-            "peak_rss_bytes", "rest_bytes")  # fmt: skip
+            "hit_rate", "rerouted_share", "prefetched_per_token", "prefetch_used_share",
+            "read_bytes_per_token", "major_faults_per_token",
+            "disk_read_gbps", "cache_disk_gbps", "disk_busy_share", "io_bound_tok_s",
+            "of_io_bound", "peak_rss_bytes", "rest_bytes")  # fmt: skip
     lines = [f"# Streaming gpt-oss-20b, {summary['routing']} routing ({summary['created']})", "",
              f"Command: `{summary['command']}`", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]  # fmt: skip
@@ -176,7 +202,11 @@ def main() -> None:
     p.add_argument("--ckpt", type=Path, default=None, help="(recorded only)")
     p.add_argument("--routing", choices=["uniform", "skewed"], default="uniform")
     p.add_argument("--limits", default="10,8,6")
-    p.add_argument("--modes", default="mmap,cache")
+    p.add_argument("--modes", default="mmap,cache",
+                   help="Of mmap, cache, ahead (needs --ahead-artifact), route1, route2 (the "
+                        "cache with --cache-aware-routing 1 or 2)")  # fmt: skip
+    p.add_argument("--ahead-artifact", type=Path, default=None,
+                   help="The same checkpoint converted with --lookahead (mode ahead)")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--timeout", type=float, default=600)
@@ -195,7 +225,10 @@ def main() -> None:
     for limit in limits:
         for mode in modes:  # side by side: both modes at one limit, then the next limit
             print(f"{limit} GiB, {mode}", file=sys.stderr, flush=True)
-            runs.append(run_one(a.artifact, mode, limit, a, raw_dir))
+            artifact = a.ahead_artifact if mode == "ahead" else a.artifact
+            if artifact is None:
+                p.error("--modes ahead needs --ahead-artifact")
+            runs.append(run_one(artifact, mode, limit, a, raw_dir))
             print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
     unconstrained = runs[0].get("decode_tok_s")
     for r in runs:

@@ -12,7 +12,15 @@ from pathlib import Path
 import click
 
 from ossedge import __version__
-from ossedge.convert.cli_common import DTYPES, _load, _progress, _tokenizer_dir, read_text
+from ossedge.convert.cli_common import (
+    DTYPES,
+    _load,
+    _progress,
+    _tokenizer_dir,
+    expert_cache_option,
+    read_text,
+    routing_options,
+)
 from ossedge.convert.cli_run import chat, generate, profile_experts
 from ossedge.quantize.recipes import DEFAULT_RECIPE, RECIPES
 
@@ -125,9 +133,15 @@ def _gb(n: int) -> str:
     help="Evaluate only the first N tokens of the text.",
 )
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True)
+@expert_cache_option
+@routing_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def eval_(model, reference, text, window, max_tokens, dtype, as_json) -> None:
-    """Perplexity, KL divergence and top-1 agreement of MODEL against the reference CKPT."""
+def eval_(model, reference, text, window, max_tokens, dtype, expert_cache, cache_aware_routing,
+          routing_pool, as_json) -> None:  # fmt: skip
+    """Perplexity, KL divergence and top-1 agreement of MODEL against the reference CKPT.
+
+    MODEL is a checkpoint, quantized checkpoint or artifact; an artifact is scored in one-token
+    (decode) calls."""
     from ossedge.runtime.evaluate import describe, evaluate
     from ossedge.runtime.quantized import sha256_file
 
@@ -141,7 +155,8 @@ def eval_(model, reference, text, window, max_tokens, dtype, as_json) -> None:
             f"{files[0]} and {files[1]} differ: MODEL and --reference must share a tokenizer"
         )
     ref, tok = _load(reference, dtype, verify=True)
-    mdl, _ = _load(model, dtype, verify=True)
+    mdl, _ = _load(model, dtype, verify=True, expert_cache=expert_cache,
+                   routing=(cache_aware_routing, routing_pool))
     if mdl.config.vocab_size != ref.config.vocab_size:
         from ossedge.runtime.errors import ConfigError
 
@@ -154,6 +169,15 @@ def eval_(model, reference, text, window, max_tokens, dtype, as_json) -> None:
         raise click.BadParameter(f"{label} has fewer than 2 tokens", param_hint="--text")
     r = evaluate(mdl, ref, ids, window=window, progress=_progress())
     result = {"model": describe(model), "reference": describe(reference), "text": label, **r}
+    stats = getattr(mdl, "expert_cache_stats", lambda: None)()
+    if stats:
+        looked = stats["hits"] + stats["misses"]
+        result["expert_cache"] = {
+            "budget_bytes": mdl.expert_cache_bytes, "slots": stats["slots"],
+            "hit_rate": stats["hits"] / looked if looked else None,
+            "cache_aware_routing": mdl.cache_aware_routing, "routing_pool": mdl.routing_pool,
+            "rerouted_share": stats["rerouted"] / looked if looked else None,
+        }  # fmt: skip
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -169,6 +193,12 @@ def eval_(model, reference, text, window, max_tokens, dtype, as_json) -> None:
     click.echo(f"KL(ref||model)  mean {r['kl_mean']:.5f}  median {r['kl_median']:.5f}  "
                f"p99 {r['kl_p99']:.5f}  max {r['kl_max']:.5f}")
     click.echo(f"top-1 agreement {r['top1_agreement']:.2%}   [{r['seconds']:.1f} s]")
+    if result.get("expert_cache", {}).get("hit_rate") is not None:
+        c = result["expert_cache"]
+        routing = (f", cache-aware routing keeps {c['cache_aware_routing']} of the top "
+                   f"{c['routing_pool']} and changed {c['rerouted_share']:.1%} of the choices"
+                   if c["cache_aware_routing"] else "")  # fmt: skip
+        click.echo(f"expert cache {c['slots']} slots, hit rate {c['hit_rate']:.1%}{routing}")
 
 
 @cli.command()
@@ -217,10 +247,15 @@ def eval_(model, reference, text, window, max_tokens, dtype, as_json) -> None:
     help="executorch only: a routing profile (`ossedge profile-experts`) to embed; the expert "
     "cache pins the experts it selects most.",
 )
+@click.option(
+    "--lookahead", is_flag=True,
+    help="executorch only: each layer's MoE also applies the next layer's router to its hidden "
+    "state, and the expert cache starts reading those experts early (same results).",
+)
 @click.option("--force", is_flag=True,
               help="Replace OUT if it exists; with --device, build even what does not fit.")
 def convert(ckpt, out, target, recipe, deployment_target, chunk_mb, max_context, max_prefill,
-            verify_tokens, device_name, expert_profile, force) -> None:
+            verify_tokens, device_name, expert_profile, lookahead, force) -> None:
     """Convert CKPT into a deployable artifact directory OUT, then verify it against CKPT.
 
     executorch: model.pte (program; forward(tokens[1,T], input_pos[1]) -> logits of the last
@@ -236,6 +271,8 @@ def convert(ckpt, out, target, recipe, deployment_target, chunk_mb, max_context,
     option = None
     if expert_profile is not None and target != "executorch":
         raise click.UsageError("--expert-profile applies to --target executorch only")
+    if lookahead and target != "executorch":
+        raise click.UsageError("--lookahead applies to --target executorch only")
     if device_name is not None and target == "onnx":
         raise click.UsageError("--device plans the executorch and coreml targets; drop it for onnx")
     if device_name is not None:
@@ -275,8 +312,10 @@ def convert(ckpt, out, target, recipe, deployment_target, chunk_mb, max_context,
         m = run(
             ckpt, out, recipe=recipe, max_context=max_context, max_prefill=max_prefill,
             force=force, progress=_progress(), verify_tokens=verify_tokens, profile=profile,
+            lookahead=lookahead,
         )
-        where = "executorch" + (", with a routing profile" if profile else "")
+        where = ("executorch" + (", with a routing profile" if profile else "")
+                 + (", lookahead" if lookahead else ""))  # fmt: skip
     if option is not None:
         _record_plan(out, m, option, device_name)
     size = sum(f["bytes"] for f in m["files"].values())

@@ -40,23 +40,35 @@ def _model_path(ckpt: Path | None) -> Path:
 
 
 def _tokenizer_dir(ckpt: Path) -> Path:
+    from ossedge.runtime.artifacts import artifact_format
     from ossedge.runtime.checkpoint import detect_layout
+
+    if artifact_format(ckpt):
+        return ckpt
 
     root, _ = detect_layout(ckpt)
     return root if (root / "tokenizer.json").exists() else root.parent
 
 
-def _load(ckpt: Path, dtype: str, *, verify: bool = False, expert_cache: str = "auto"):
+def _load(ckpt: Path, dtype: str, *, verify: bool = False, expert_cache: str = "auto",
+          routing: tuple[int, int | None] = (0, None)):  # fmt: skip
     """(model, tokenizer) of a checkpoint, quantized checkpoint or artifact (ExecuTorch, or Core
-    ML on macOS)."""
+    ML on macOS). `routing`: (--cache-aware-routing, --routing-pool) for ExecuTorch."""
     from ossedge.runtime import load_model
     from ossedge.runtime.artifacts import artifact_format, open_artifact
     from ossedge.runtime.executorch import is_artifact
     from ossedge.runtime.tokenizer import Tokenizer
 
+    keep, pool = routing
     if is_artifact(ckpt) or artifact_format(ckpt):
-        return (open_artifact(ckpt, checksums=verify, expert_cache=_cache_option(expert_cache)),
-                Tokenizer.from_dir(ckpt))  # fmt: skip
+        model = open_artifact(ckpt, checksums=verify, expert_cache=_cache_option(expert_cache),
+                              cache_aware_routing=keep, routing_pool=pool)  # fmt: skip
+        return model, Tokenizer.from_dir(ckpt)
+    if keep or pool:
+        from ossedge.runtime.expert_cache import CacheOptionError
+
+        raise CacheOptionError(f"--cache-aware-routing applies to ExecuTorch artifacts; {ckpt} "
+                               "is a checkpoint")  # fmt: skip
     tokenizer = Tokenizer.from_dir(_tokenizer_dir(ckpt))
     return load_model(ckpt, dtype=_dtype(dtype), verify=verify), tokenizer
 
@@ -77,6 +89,20 @@ EXPERT_CACHE_HELP = (
     "process's memory limit, else a cache of the limit minus the resident rest.")
 expert_cache_option = click.option("--expert-cache", default="auto", show_default=True,
                                    help=EXPERT_CACHE_HELP)
+
+
+ROUTING_HELP = (
+    "Lossy, off by default (0): with --expert-cache, keep the router's top K experts of each "
+    "decoded token and fill its other slots with cached experts from the router's top "
+    "--routing-pool (default twice the experts per token), so fewer experts are read.")
+
+
+def routing_options(f):
+    """--cache-aware-routing K and --routing-pool M (ExecuTorch artifacts with the cache)."""
+    f = click.option("--routing-pool", type=click.IntRange(min=1), default=None,
+                     help="Candidates for --cache-aware-routing: the router's top M.")(f)
+    return click.option("--cache-aware-routing", type=click.IntRange(min=0), default=0,
+                        show_default=True, metavar="K", help=ROUTING_HELP)(f)  # fmt: skip
 
 
 def _cache_option(value: str):

@@ -15,6 +15,7 @@ from ossedge.convert.cli_common import (
     _sampler,
     expert_cache_option,
     read_text,
+    routing_options,
     with_sampling,
 )
 
@@ -24,8 +25,9 @@ from ossedge.convert.cli_common import (
 @click.option("--prompt", required=True, help="Text to continue.")
 @with_sampling
 @expert_cache_option
+@routing_options
 def generate(ckpt, prompt, max_new_tokens, temperature, top_p, top_k, seed, dtype,
-             expert_cache) -> None:
+             expert_cache, cache_aware_routing, routing_pool) -> None:
     """Continue PROMPT with the reference runtime, streaming the text to stdout.
 
     CKPT is a checkpoint, quantized checkpoint or ExecuTorch artifact directory; without it, the
@@ -34,7 +36,8 @@ def generate(ckpt, prompt, max_new_tokens, temperature, top_p, top_k, seed, dtyp
 
     ckpt = _model_path(ckpt)
     sampler = _sampler(temperature, top_k, top_p, seed)
-    model, tok = _load(ckpt, dtype, expert_cache=expert_cache)
+    model, tok = _load(ckpt, dtype, expert_cache=expert_cache,
+                       routing=(cache_aware_routing, routing_pool))
     prompt_ids = tok.encode(prompt)
     if not prompt_ids:
         raise click.BadParameter("the prompt is empty", param_hint="--prompt")
@@ -67,9 +70,10 @@ def generate(ckpt, prompt, max_new_tokens, temperature, top_p, top_k, seed, dtyp
 @click.option("--system", "instructions", default=None, help="Developer instructions.")
 @with_sampling
 @expert_cache_option
+@routing_options
 def chat(
     ckpt, reasoning_effort, show_reasoning, instructions, max_new_tokens, temperature, top_p,
-    top_k, seed, dtype, expert_cache,
+    top_k, seed, dtype, expert_cache, cache_aware_routing, routing_pool,
 ) -> None:
     """Chat in the harmony format. One user message per line; Ctrl-D or /exit ends.
 
@@ -80,7 +84,8 @@ def chat(
 
     ckpt = _model_path(ckpt)
     sampler = _sampler(temperature, top_k, top_p, seed)
-    model, tok = _load(ckpt, dtype, expert_cache=expert_cache)
+    model, tok = _load(ckpt, dtype, expert_cache=expert_cache,
+                       routing=(cache_aware_routing, routing_pool))
     interactive = sys.stdin.isatty()
     messages: list[Message] = []
     if instructions:

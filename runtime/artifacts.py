@@ -67,10 +67,17 @@ def read_manifest(root: Path, *, fmt: str, what: str, contract: int | tuple[int,
 
 
 def open_artifact(root: str | Path, *, checksums: bool = False, engine: str = "auto",
-                  expert_cache: str | int = "auto"):  # fmt: skip
+                  expert_cache: str | int = "auto", cache_aware_routing: int = 0,
+                  routing_pool: int | None = None):  # fmt: skip
     """The artifact's model (ExecuTorchModel, CoreMLModel or OnnxModel; `engine` applies to Core
-    ML, `expert_cache` (auto, off or bytes; see ossedge.runtime.expert_cache) to ExecuTorch)."""
+    ML, `expert_cache` (auto, off or bytes; see ossedge.runtime.expert_cache) and cache-aware
+    routing to ExecuTorch)."""
     kind = artifact_format(root)
+    if kind != "executorch" and (cache_aware_routing or routing_pool):
+        from ossedge.runtime.expert_cache import CacheOptionError
+
+        raise CacheOptionError(f"--cache-aware-routing applies to ExecuTorch artifacts; {root} "
+                               f"is {kind or 'not an artifact'}")  # fmt: skip
     if kind == "onnx":
         from ossedge.runtime.onnx import OnnxModel
 
@@ -81,7 +88,8 @@ def open_artifact(root: str | Path, *, checksums: bool = False, engine: str = "a
         return CoreMLModel(root, engine=engine, checksums=checksums)
     from ossedge.runtime.executorch import ExecuTorchModel
 
-    return ExecuTorchModel(root, checksums=checksums, expert_cache=expert_cache)
+    return ExecuTorchModel(root, checksums=checksums, expert_cache=expert_cache,
+                           cache_aware_routing=cache_aware_routing, routing_pool=routing_pool)
 
 
 def check_call(input_ids: torch.Tensor, cache, kind: str) -> int:

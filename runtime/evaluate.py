@@ -99,7 +99,7 @@ def evaluate(
     start = time.perf_counter()
     for a, b in tqdm(spans, desc="eval", unit="window", disable=not progress):
         x = seq[a:b][None]
-        lm, lr = model(x)[0, :-1].float(), reference(x)[0, :-1].float()
+        lm, lr = window_logits(model, x), window_logits(reference, x)
         for k, v in token_metrics(lm, lr, seq[a + 1 : b]).items():
             per.setdefault(k, []).append(v)
     metrics = summarize_metrics({k: torch.cat(v) for k, v in per.items()})
@@ -112,11 +112,29 @@ def evaluate(
     }
 
 
+def window_logits(model: Any, x: torch.Tensor) -> torch.Tensor:
+    """Logits [T - 1, V] predicting x[0, 1:]. A torch model scores the window in one call; an
+    artifact (which returns the last position only) in one-token calls from a fresh cache: the
+    decode path that generation takes, cache-aware routing included."""
+    if isinstance(model, torch.nn.Module):
+        return model(x)[0, :-1].float()
+    cache = model.new_cache()
+    return torch.stack([model(x[:, i : i + 1], cache=cache)[0, -1].float()
+                        for i in range(x.shape[1] - 1)])  # fmt: skip
+
+
 def describe(path: str | Path) -> dict[str, Any]:
     """What a model path is, for the report: layout and, when quantized, the recipe."""
+    from ossedge.runtime.artifacts import artifact_format
     from ossedge.runtime.checkpoint import detect_layout
     from ossedge.runtime.quantized import read_manifest
 
+    kind = artifact_format(path)
+    if kind:
+        import json
+
+        recipe = json.loads((Path(path) / "manifest.json").read_text()).get("recipe")
+        return {"path": str(path), "layout": f"{kind} artifact", "recipe": recipe}
     root, layout = detect_layout(path)
     out: dict[str, Any] = {"path": str(path), "layout": layout}
     if layout == "quantized":

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ossedge.runtime import expert_cache
+from ossedge.runtime import expert_cache as cache_api
 from ossedge.runtime.errors import ArtifactError, KernelError
 
 LIBRARY = "libossedge_kernels.so"
@@ -119,7 +119,7 @@ def _loaded() -> tuple[ctypes.CDLL, Path]:
     if not hasattr(lib, "ossedge_expert_cache_open"):
         raise KernelError(f"{path}: an older kernel library without the expert cache; rebuild it "
                           "with `make install`")  # fmt: skip
-    expert_cache.bind(lib)
+    cache_api.bind(lib)
     return lib, path
 
 
@@ -204,8 +204,9 @@ class ExecuTorchModel:
     time: `new_cache()` restarts at position 0 (the program's caches are overwritten in order)."""
 
     def __init__(
-        self, root: str | Path, *, checksums: bool = False, expert_cache: str | int = "auto"
-    ) -> None:
+        self, root: str | Path, *, checksums: bool = False, expert_cache: str | int = "auto",
+        cache_aware_routing: int = 0, routing_pool: int | None = None,
+    ) -> None:  # fmt: skip
         quiet_imports()
         from ossedge.targets.executorch.ptd import read_index
 
@@ -214,6 +215,11 @@ class ExecuTorchModel:
         read_index(self.root / "model.ptd")  # a clear error for a corrupt data file
         self.kernels = load_kernels()
         self.expert_cache_bytes = self._open_cache(expert_cache_option(expert_cache))
+        # lossy and opt-in: checked before the (slow) load, set once the cache is open
+        self.routing_pool = cache_api.routing_pool(
+            cache_api.store_of(self.manifest), cache_aware_routing, routing_pool,
+            budget=self.expert_cache_bytes)  # fmt: skip
+        self.cache_aware_routing = cache_aware_routing if self.routing_pool else 0
         self._log = None  # where forward's native log goes while the cache is on
         from executorch.extension.pybindings import portable_lib
 
@@ -237,7 +243,9 @@ class ExecuTorchModel:
                     "the files are corrupt or do not belong together — convert again"
                 ) from None
         if self.expert_cache_bytes:
-            _loaded()[0].ossedge_expert_cache_reset_stats()
+            lib = _loaded()[0]
+            cache_api.set_routing(lib, self.cache_aware_routing, self.routing_pool)
+            lib.ossedge_expert_cache_reset_stats()
         m = self.manifest
         self.max_prefill = int(m["max_prefill"])
         self.max_context = int(m["max_context"])
@@ -248,16 +256,16 @@ class ExecuTorchModel:
         lib = _loaded()[0]
         m = self.manifest
         total = sum(f["bytes"] for f in m["files"].values())
-        budget = expert_cache.resolve(option, m, rest=resident_rest(m), total=total)
+        budget = cache_api.resolve(option, m, rest=resident_rest(m), total=total)
         if budget:
-            expert_cache.open_cache(lib, self.root / "model.ptd", budget)
+            cache_api.open_cache(lib, self.root / "model.ptd", budget)
         else:
             lib.ossedge_expert_cache_close()
         return budget
 
     def expert_cache_stats(self) -> dict[str, int] | None:
         """The expert cache's counters (hits, misses, bytes_read, …), or None when it is off."""
-        return expert_cache.stats(_loaded()[0]) if self.expert_cache_bytes else None
+        return cache_api.stats(_loaded()[0]) if self.expert_cache_bytes else None
 
     def new_cache(self, *, batch_size: int = 1, max_context: int | None = None) -> _Cursor:
         if batch_size != 1:
@@ -301,7 +309,7 @@ class ExecuTorchModel:
 
 
 def expert_cache_option(value: str | int | None) -> str | int:
-    return expert_cache.parse_option(value)
+    return cache_api.parse_option(value)
 
 
 def resident_rest(manifest: dict) -> int:

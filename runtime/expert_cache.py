@@ -23,7 +23,7 @@ from ossedge.runtime.errors import ArtifactError, BudgetError, OssedgeError
 
 MARGIN = 256 << 20  # left free under the limit: allocator slack, the tokenizer, page tables
 STATS = ("hits", "misses", "bytes_read", "wait_ns", "slots", "slot_bytes", "pinned", "resident",
-         "layers_seen", "direct", "busy_ns")  # fmt: skip
+         "layers_seen", "direct", "busy_ns", "rerouted", "prefetched", "prefetch_used")  # fmt: skip
 
 
 class CacheOptionError(OssedgeError):
@@ -131,6 +131,32 @@ def resolve(option: str | int, manifest: dict[str, Any], *, rest: int, total: in
     return budget
 
 
+def routing_pool(store: Store | None, keep: int, pool: int | None, *, budget: int) -> int:
+    """The candidate pool of `--cache-aware-routing keep` (`--routing-pool pool`, default twice
+    the experts per token), checked against the artifact; 0 when routing stays exact."""
+    if not keep:
+        if pool:
+            raise CacheOptionError("--routing-pool needs --cache-aware-routing K")
+        return 0
+    if store is None or not budget:
+        raise CacheOptionError(
+            "--cache-aware-routing needs the expert cache: give --expert-cache SIZE (auto is off "
+            "when the artifact fits in memory; a version-2 artifact is needed)"
+        )
+    if not 1 <= keep < store.top_k:
+        raise CacheOptionError(
+            f"--cache-aware-routing {keep} must be 1 or more and below the model's "
+            f"{store.top_k} experts per token (it is how many of them to keep)"
+        )
+    pool = min(store.experts, 2 * store.top_k) if pool is None else pool
+    if not store.top_k < pool <= store.experts:
+        raise CacheOptionError(
+            f"--routing-pool {pool} must be above the {store.top_k} experts per token and at most "
+            f"the {store.experts} experts"
+        )
+    return pool
+
+
 def bind(lib: ctypes.CDLL) -> None:
     """Declare the cache functions of the kernel library."""
     lib.ossedge_expert_cache_open.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.c_int,
@@ -140,6 +166,13 @@ def bind(lib: ctypes.CDLL) -> None:
     lib.ossedge_expert_cache_stats.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int64]
     lib.ossedge_expert_cache_stats.restype = ctypes.c_int
     lib.ossedge_expert_cache_reset_stats.argtypes = []
+    lib.ossedge_expert_cache_set_routing.argtypes = [ctypes.c_int64, ctypes.c_int64]
+    lib.ossedge_expert_cache_set_routing.restype = ctypes.c_int
+    lib.ossedge_route_cache_aware.argtypes = [
+        ctypes.POINTER(ctypes.c_float), ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_int64, ctypes.POINTER(ctypes.c_uint8), ctypes.POINTER(ctypes.c_int64),
+        ctypes.POINTER(ctypes.c_float)]  # fmt: skip
+    lib.ossedge_route_cache_aware.restype = ctypes.c_int64
 
 
 def open_cache(lib: ctypes.CDLL, ptd: Path, budget: int, *, io_threads: int = 0,
@@ -148,6 +181,29 @@ def open_cache(lib: ctypes.CDLL, ptd: Path, budget: int, *, io_threads: int = 0,
     if lib.ossedge_expert_cache_open(str(ptd).encode(), budget, io_threads, lru_share, err,
                                      len(err)) != 0:  # fmt: skip
         raise ArtifactError(f"cannot open the expert cache: {err.value.decode(errors='replace')}")
+
+
+def set_routing(lib: ctypes.CDLL, keep: int, pool: int) -> None:
+    if lib.ossedge_expert_cache_set_routing(keep, pool) != 0:
+        raise ArtifactError("cannot set cache-aware routing: the expert cache is not open")
+
+
+def route(lib: ctypes.CDLL, logits, k: int, keep: int, pool: int, resident) -> tuple[list, list, int]:
+    """The kernel's cache-aware routing rule for one token: (ids, weights, changed)."""
+    import numpy as np
+
+    x = np.ascontiguousarray(logits, dtype=np.float32)
+    r = np.ascontiguousarray(resident, dtype=np.uint8)
+    ids = np.zeros(k, dtype=np.int64)
+    w = np.zeros(k, dtype=np.float32)
+    c = ctypes
+    changed = lib.ossedge_route_cache_aware(
+        x.ctypes.data_as(c.POINTER(c.c_float)), x.size, k, keep, pool,
+        r.ctypes.data_as(c.POINTER(c.c_uint8)), ids.ctypes.data_as(c.POINTER(c.c_int64)),
+        w.ctypes.data_as(c.POINTER(c.c_float)))  # fmt: skip
+    if changed < 0:
+        raise ValueError(f"bad routing arguments: experts {x.size}, k {k}, keep {keep}, pool {pool}")
+    return ids.tolist(), w.tolist(), int(changed)
 
 
 def stats(lib: ctypes.CDLL) -> dict[str, int] | None:

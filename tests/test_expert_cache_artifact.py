@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from clitools import assert_one_line_error, run
+from steps import greedy_steps
 
 from ossedge.runtime.errors import ArtifactError, BudgetError
 from ossedge.runtime.executorch import ExecuTorchModel
@@ -22,16 +23,6 @@ from ossedge.targets.executorch.pack import HEADER_BYTES, read_header
 GEN = 6
 
 
-def _greedy(model: ExecuTorchModel, prompt: torch.Tensor) -> torch.Tensor:
-    """Logits of a 40-token prefill (two chunks of 32) and GEN greedy one-token steps."""
-    cache = model.new_cache()
-    steps = [model(prompt, cache=cache).reshape(-1)]
-    for _ in range(GEN):
-        tok = int(steps[-1].argmax())
-        steps.append(model(torch.tensor([[tok]]), cache=cache).reshape(-1))
-    return torch.stack(steps)
-
-
 @pytest.fixture(scope="module")
 def prompt() -> torch.Tensor:
     return torch.randint(0, 4000, (1, 40), generator=torch.Generator().manual_seed(3))
@@ -39,7 +30,7 @@ def prompt() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def mapped(et_artifact, prompt) -> torch.Tensor:
-    return _greedy(ExecuTorchModel(et_artifact, expert_cache="off"), prompt)
+    return greedy_steps(ExecuTorchModel(et_artifact, expert_cache="off"), prompt, GEN)
 
 
 def _stride(artifact: Path) -> int:
@@ -49,7 +40,7 @@ def _stride(artifact: Path) -> int:
 @pytest.mark.parametrize("slots", [2, 5, 32], ids=["top-k-slots", "5-slots", "all"])
 def test_cache_gives_the_mapped_logits_bitwise(et_artifact, prompt, mapped, slots) -> None:
     model = ExecuTorchModel(et_artifact, expert_cache=slots * _stride(et_artifact))
-    got = _greedy(model, prompt)
+    got = greedy_steps(model, prompt, GEN)
     assert torch.equal(got, mapped)
     s = model.expert_cache_stats()
     assert s["slots"] == slots and s["direct"] in (0, 1)
@@ -146,7 +137,7 @@ def test_version_1_artifacts_still_run(et_artifact, prompt, mapped, tmp_path: Pa
     assert model.expert_cache_bytes == 0
     # the same model as the version-2 artifact: the same logits up to the routing softmax's
     # rounding (torch's in version 1, the kernel's own in version 2) and the same greedy tokens
-    got = _greedy(model, prompt)
+    got = greedy_steps(model, prompt, GEN)
     assert torch.allclose(got, mapped, rtol=1e-4, atol=1e-3)
     assert torch.equal(got.argmax(-1), mapped.argmax(-1))
     with pytest.raises(ArtifactError, match="version-2 artifact"):

@@ -55,6 +55,8 @@ struct Args {
   std::string expert_cache = "auto";  // "auto", "off" or a size
   int io_threads = 0;               // 0: the cache's default
   double lru_share = -1.0;          // < 0: the cache's default
+  long route_keep = 0;              // --cache-aware-routing K (0: exact routing)
+  long route_pool = 0;              // --routing-pool M (0: twice the experts per token)
   std::vector<int64_t> prompt_ids;  // overrides the random prompt when given
 };
 
@@ -62,7 +64,8 @@ const char* kUsage =
     "usage: ossedge_runner --model DIR [--prompt-length N] [--gen-tokens N] [--runs R]\n"
     "                      [--warmup W] [--threads T] [--mlock] [--weights mmap|heap]\n"
     "                      [--seed S] [--kernels PATH] [--prompt-ids ID,ID,...]\n"
-    "                      [--expert-cache auto|off|SIZE] [--io-threads N] [--lru-share F]\n";
+    "                      [--expert-cache auto|off|SIZE] [--io-threads N] [--lru-share F]\n"
+    "                      [--cache-aware-routing K [--routing-pool M]]\n";
 
 long to_long(const std::string& flag, const std::string& s, long lo) {
   char* end = nullptr;
@@ -97,6 +100,8 @@ Args parse(int argc, char** argv) {
     else if (f == "--threads") a.threads = to_long(f, v, 1);
     else if (f == "--expert-cache") a.expert_cache = v;
     else if (f == "--io-threads") a.io_threads = static_cast<int>(to_long(f, v, 1));
+    else if (f == "--cache-aware-routing") a.route_keep = to_long(f, v, 0);
+    else if (f == "--routing-pool") a.route_pool = to_long(f, v, 1);
     else if (f == "--lru-share") {
       char* end = nullptr;
       a.lru_share = std::strtod(v.c_str(), &end);
@@ -354,6 +359,7 @@ int main(int argc, char** argv) {
   const long long budget = cache_budget(a.expert_cache, a.model, manifest, rest,
                                         file_size(pte) + file_size(ptd));
   if (budget > 0) open_expert_cache(g_kernels, kernels, ptd, budget, a.io_threads, a.lru_share);
+  const long long route_pool = set_cache_routing(g_kernels, manifest, a.route_keep, a.route_pool);
 
   for (long i = 0; i < a.warmup; ++i) run_once(m, prompt, a.gen_tokens, chunk, vocab);
   std::vector<Run> runs;
@@ -388,7 +394,8 @@ int main(int argc, char** argv) {
     int64_t v[10] = {};
     g_cache.stats(v, 10);
     o << ",\"slots\":" << v[4] << ",\"slot_bytes\":" << v[5] << ",\"pinned\":" << v[6]
-      << ",\"resident\":" << v[7] << ",\"direct_io\":" << (v[9] ? "true" : "false");
+      << ",\"resident\":" << v[7] << ",\"direct_io\":" << (v[9] ? "true" : "false")
+      << ",\"cache_aware_routing\":" << a.route_keep << ",\"routing_pool\":" << route_pool;
   }
   o << "}}\n";
   std::fputs(o.str().c_str(), stdout);

@@ -50,6 +50,7 @@ long long parse_size(const std::string& text) {
 struct CacheApi {
   int (*open)(const char*, int64_t, int, double, char*, int64_t) = nullptr;
   int (*stats)(int64_t*, int64_t) = nullptr;
+  int (*set_routing)(int64_t, int64_t) = nullptr;
   bool on = false;
 };
 CacheApi g_cache;
@@ -59,7 +60,7 @@ CacheApi g_cache;
 // its major page faults.
 struct Counters {
   int64_t hits = 0, misses = 0, cache_bytes = 0, wait_ns = 0, busy_ns = 0, read_bytes = 0,
-      major_faults = 0;
+      major_faults = 0, rerouted = 0, prefetched = 0, prefetch_used = 0;
 };
 
 int64_t proc_read_bytes() {
@@ -74,9 +75,10 @@ int64_t proc_read_bytes() {
 Counters counters_now() {
   Counters c;
   if (g_cache.on) {
-    int64_t v[11] = {};
-    g_cache.stats(v, 11);
+    int64_t v[14] = {};
+    g_cache.stats(v, 14);
     c.hits = v[0], c.misses = v[1], c.cache_bytes = v[2], c.wait_ns = v[3], c.busy_ns = v[10];
+    c.rerouted = v[11], c.prefetched = v[12], c.prefetch_used = v[13];
   }
   c.read_bytes = proc_read_bytes();
   rusage ru{};
@@ -88,7 +90,8 @@ Counters counters_now() {
 Counters operator-(const Counters& a, const Counters& b) {
   return {a.hits - b.hits,           a.misses - b.misses,         a.cache_bytes - b.cache_bytes,
           a.wait_ns - b.wait_ns,       a.busy_ns - b.busy_ns,       a.read_bytes - b.read_bytes,
-          a.major_faults - b.major_faults};
+          a.major_faults - b.major_faults, a.rerouted - b.rerouted,
+          a.prefetched - b.prefetched, a.prefetch_used - b.prefetch_used};
 }
 
 std::string counters_json(const Counters& c) {
@@ -97,7 +100,8 @@ std::string counters_json(const Counters& c) {
   if (g_cache.on) {
     o << ",\"cache_hits\":" << c.hits << ",\"cache_misses\":" << c.misses
       << ",\"cache_read_bytes\":" << c.cache_bytes << ",\"cache_wait_s\":" << c.wait_ns * 1e-9
-      << ",\"cache_busy_s\":" << c.busy_ns * 1e-9;
+      << ",\"cache_busy_s\":" << c.busy_ns * 1e-9 << ",\"rerouted\":" << c.rerouted
+      << ",\"prefetched\":" << c.prefetched << ",\"prefetch_used\":" << c.prefetch_used;
   }
   return o.str() + "}";
 }
@@ -242,6 +246,33 @@ void open_expert_cache(void* kernels, const std::string& path, const std::string
   if (g_cache.open(ptd.c_str(), budget, io_threads, lru_share, err, sizeof err) != 0)
     fail(std::string("cannot open the expert cache: ") + err);
   g_cache.on = true;
+}
+
+// --cache-aware-routing K [--routing-pool M]: checked against the artifact's experts and set on
+// the open cache. Returns the pool used (0 when routing stays exact).
+long long set_cache_routing(void* kernels, const std::string& manifest, long keep, long pool) {
+  if (keep == 0) {
+    if (pool != 0) fail("--routing-pool needs --cache-aware-routing K");
+    return 0;
+  }
+  if (!g_cache.on)
+    fail("--cache-aware-routing needs the expert cache: give --expert-cache SIZE (auto is off "
+         "when the artifact fits in memory)");
+  const size_t store = manifest.find("\"store\":");
+  const long long top_k = manifest_int(manifest, "top_k", store);
+  const long long experts = manifest_int(manifest, "experts", store);
+  if (keep >= top_k)
+    fail("--cache-aware-routing " + std::to_string(keep) + " must be below the model's " +
+         std::to_string(top_k) + " experts per token (it is how many of them to keep)");
+  if (pool == 0) pool = std::min<long long>(experts, 2 * top_k);
+  if (pool <= top_k || pool > experts)
+    fail("--routing-pool " + std::to_string(pool) + " must be above the " + std::to_string(top_k) +
+         " experts per token and at most the " + std::to_string(experts) + " experts");
+  g_cache.set_routing =
+      reinterpret_cast<decltype(g_cache.set_routing)>(dlsym(kernels, "ossedge_expert_cache_set_routing"));
+  if (!g_cache.set_routing || g_cache.set_routing(keep, pool) != 0)
+    fail("the kernel library has no cache-aware routing; run `make install`");
+  return pool;
 }
 
 }  // namespace

@@ -250,16 +250,20 @@ def convert(
     verify_tokens: int | None = None,
     profile: dict[str, Any] | None = None,
     contract: int = CONTRACT_VERSION,
+    lookahead: bool = False,
 ) -> dict[str, Any]:
     """Convert a checkpoint into an ExecuTorch artifact directory `out` (atomically); verify it
     against the checkpoint unless `verify_tokens` is 0. `profile` (ossedge.runtime.profile) is
     embedded in the manifest and in the packed experts' headers, for the expert cache's pinning.
     `contract` 1 writes the older layout (stacked expert tensors, no cache), for apps built
-    against it. Returns the manifest."""
+    against it. `lookahead` runs the MoE ops that hand the expert cache the next layer's likely
+    experts (same results; contract 2). Returns the manifest."""
     if contract not in (1, CONTRACT_VERSION):
         raise ExportError(f"contract version {contract}: this ossedge writes 1 or {CONTRACT_VERSION}")
     if contract == 1 and profile is not None:
         raise ExportError("a routing profile needs contract version 2 (packed experts)")
+    if contract == 1 and lookahead:
+        raise ExportError("lookahead needs contract version 2 (packed experts)")
     import time
 
     from tqdm import tqdm
@@ -314,6 +318,7 @@ def convert(
         make_linear=xnnpack_linear,
         placeholders=True,
         packed=contract >= 2,
+        lookahead=lookahead,
     ).eval()
     methods = metadata(model, tokenizer)
     with atomic_dir(out, force=force) as tmp:
@@ -334,7 +339,8 @@ def convert(
             },
             "recipe": recipe_name,
             "linear_activations": "int8 dynamic per token (XNNPACK) for int4/int8 weights",
-            "experts": {"format": model.blocks[0].mlp.fmt, "op": model.blocks[0].mlp.op_name,
+            "experts": {"format": model.blocks[0].mlp.fmt, "op": model.blocks[-1].mlp.op_name,
+                        "lookahead_op": model.blocks[0].mlp.op_name if lookahead else None,
                         "activations": "int8-b32", "kernel_library": "libossedge_kernels.so",
                         "store": _store(model, tmp / PTD) if contract >= 2 else None},
             "expert_profile": _profile_summary(profile),

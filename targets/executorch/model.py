@@ -167,6 +167,7 @@ class MoE(nn.Module):
         make_linear: LinearFactory,
         *,
         packed: torch.Tensor | None = None,
+        ahead: bool = False,
     ) -> None:
         super().__init__()
         self.top_k = cfg.num_experts_per_tok
@@ -180,7 +181,8 @@ class MoE(nn.Module):
                 "(use recipe mobile, mobile-int8 or int4)"
             )
         self.packed = packed is not None
-        op = EXPERT_OP[fmt] + ("_packed" if self.packed else "")
+        self.ahead = ahead and self.packed
+        op = EXPERT_OP[fmt] + ("_ahead" if self.ahead else "_packed" if self.packed else "")
         self.fmt, self.op_name = fmt, f"ossedge::{op}"
         self.op = getattr(torch.ops.ossedge, op)
         if self.packed:
@@ -193,7 +195,13 @@ class MoE(nn.Module):
         self.register_buffer("gate_up_bias", t["gate_up_b"].float())
         self.register_buffer("down_bias", t["down_b"].float())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, H]
+    def forward(self, x: torch.Tensor, nxt: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor:  # fmt: skip
+        """x [T, H]; `nxt` (lookahead ops only): the next layer's router logits from this layer's
+        hidden state and its packed experts."""
+        if self.ahead:
+            return self.op(x, self.router(x), self.experts, nxt[0], nxt[1], self.top_k,
+                           self.intermediate, self.limit, SWIGLU_ALPHA)  # fmt: skip
         if self.packed:
             return self.op(x, self.router(x), self.experts, self.top_k, self.intermediate,
                            self.limit, SWIGLU_ALPHA)  # fmt: skip
@@ -214,10 +222,15 @@ class Block(nn.Module):
         self.register_buffer("attn_norm", norms[0].float())
         self.register_buffer("mlp_norm", norms[1].float())
 
-    def forward(self, x, pos, cos, sin, masks) -> torch.Tensor:
+    def forward(self, x, pos, cos, sin, masks, nxt: Block | None = None) -> torch.Tensor:
+        """`nxt`: the next block, whose router a lookahead MoE applies to this block's hidden
+        state (as that block will to its own) to name the experts worth reading early."""
         mask = masks[1] if self.attn.sliding else masks[0]
         x = x + self.attn(_rms(x, self.attn_norm, self.eps), pos, cos, sin, mask)
-        return x + self.mlp(_rms(x, self.mlp_norm, self.eps))
+        if nxt is None or not self.mlp.ahead:
+            return x + self.mlp(_rms(x, self.mlp_norm, self.eps))
+        guess = nxt.mlp.router(_rms(x, nxt.mlp_norm, self.eps))
+        return x + self.mlp(_rms(x, self.mlp_norm, self.eps), (guess, nxt.mlp.experts))
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -257,6 +270,7 @@ class ExportableGptOss(nn.Module):
         make_linear: LinearFactory = dense_linear,
         placeholders: bool = False,
         packed: bool = True,
+        lookahead: bool = False,
         progress: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__()
@@ -299,7 +313,8 @@ class ExportableGptOss(nn.Module):
             blocks.append(
                 Block(
                     Attention(cfg, n, attn, make_linear, max_context=max_context),
-                    MoE(cfg, mlp, make_linear, packed=experts),
+                    MoE(cfg, mlp, make_linear, packed=experts,
+                        ahead=lookahead and n + 1 < cfg.num_hidden_layers),
                     norms,
                     cfg.rms_norm_eps,
                 )
@@ -321,8 +336,9 @@ class ExportableGptOss(nn.Module):
         cos, sin = self.rope_cos.index_select(0, pos), self.rope_sin.index_select(0, pos)
         x = self.embed(tokens[0])
         masks = self.masks(start, pos)
-        for block in self.blocks:
-            x = block(x, pos, cos, sin, masks)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x = block(x, pos, cos, sin, masks, self.blocks[i + 1] if i < last else None)
         x = _rms(x[-1:], self.norm, self.config.rms_norm_eps)
         return self.lm_head(x)  # [1, V]
 

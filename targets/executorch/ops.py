@@ -7,6 +7,8 @@
 
     ossedge::moe_mxfp4_packed(x, router_logits, experts, top_k, intermediate, limit, alpha)
     ossedge::moe_int4_packed(x, router_logits, experts, top_k, intermediate, limit, alpha)
+    ossedge::moe_mxfp4_ahead(x, router_logits, experts, next_logits, next_experts, top_k,
+                             intermediate, limit, alpha)  (and moe_int4_ahead)
 
     ossedge::attend(q, k, v, mask, sinks) -> Tensor
 
@@ -25,6 +27,10 @@ experts decoded); the native kernel in `kernels/` must agree with it.
 The `_packed` operators of version-2 artifacts take the router logits [T, E] (the top-k and their
 softmax are taken inside, so a host may route with knowledge of what is cached) and one uint8
 tensor [E, stride] per layer holding each expert as one extent (`pack.py`); the math is the same.
+The `_ahead` variants (`convert --lookahead`) also take the next layer's router logits computed
+from this layer's hidden state and the next layer's packed experts: a hint on which the expert
+cache starts reading the next layer's likely experts while this layer computes. The result does
+not depend on them.
 
 `attend` is gpt-oss's attention over a KV cache: q [KV, R, D] (R = query heads per KV head ×
 tokens, already scaled by 1/√D), k and v [KV, S, D], an additive mask [R, S] shared by the KV
@@ -141,18 +147,23 @@ def moe_packed_reference(
     )  # fmt: skip
 
 
-def _define_packed(kind: str) -> None:
-    name = f"moe_{kind}_packed"
-    head = ("Tensor x, Tensor router_logits, Tensor experts, int top_k, int intermediate, "
+def _define_packed(kind: str, *, ahead: bool = False) -> None:
+    """moe_{kind}_packed, or with `ahead` moe_{kind}_ahead (two more tensors, the lookahead hint,
+    which the math ignores)."""
+    name = f"moe_{kind}_{'ahead' if ahead else 'packed'}"
+    hint = "Tensor next_logits, Tensor next_experts, " if ahead else ""
+    head = (f"Tensor x, Tensor router_logits, Tensor experts, {hint}int top_k, int intermediate, "
             "float limit, float alpha")  # fmt: skip
     LIB.define(f"{name}({head}) -> Tensor")
     LIB.define(f"{name}.out({head}, *, Tensor(a!) out) -> Tensor(a!)")
+    skip = 2 if ahead else 0
 
-    def functional(x, logits, experts, top_k, inter, limit, alpha):
+    def functional(x, logits, experts, *rest):
+        top_k, inter, limit, alpha = rest[skip:]
         return moe_packed_reference(kind, x, logits, experts, top_k, inter, limit, alpha)
 
-    def out_variant(x, logits, experts, top_k, inter, limit, alpha, *, out):
-        out.copy_(functional(x, logits, experts, top_k, inter, limit, alpha))
+    def out_variant(*args, out):
+        out.copy_(functional(*args))
         return out
 
     LIB.impl(name, functional, "CompositeExplicitAutograd")
@@ -163,6 +174,7 @@ def _define_packed(kind: str) -> None:
 
 for _kind in _FORMAT:
     _define_packed(_kind)
+    _define_packed(_kind, ahead=True)
 
 
 def attend_reference(q, k, v, mask, sinks) -> torch.Tensor:

@@ -36,6 +36,7 @@ struct Entry {
   int64_t slot = -1;
   int refs = 0;
   bool pinned = false;
+  bool prefetched = false;  // read on a lookahead hint and not yet asked for
   uint64_t last_use = 0;
   int chunks_left = 0;
   std::string error;
@@ -60,6 +61,9 @@ class LayerSource final : public ExpertSource {
   int64_t next_ready(const int64_t* ids, int64_t n, const uint8_t* done, ExpertView* view,
                      std::string* error) override;
   void release(const int64_t* ids, int64_t n) override;
+  bool residency(uint8_t* flags, int64_t n) const override;
+  void count_rerouted(int64_t n) override;
+  void prefetch(const int64_t* ids, int64_t n) override;
 
  private:
   Cache* cache_;
@@ -162,7 +166,52 @@ class Cache final : public ExpertCache {
     stats_ = CacheStats{};
   }
 
+  void set_routing(int64_t keep, int64_t pool) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    opt_.route_keep = keep;
+    opt_.route_pool = pool;
+  }
+
+  void routing(int64_t* keep, int64_t* pool) const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    *keep = opt_.route_keep;
+    *pool = opt_.route_pool;
+  }
+
   int64_t capacity() const { return std::max<int64_t>(1, slots_ - pin_quota_); }
+
+  // flags[e]: expert e of `layer` is read or being read (using it costs no new read).
+  void residency(int64_t layer, uint8_t* flags, int64_t n) const {
+    std::lock_guard<std::mutex> lock(mu_);
+    const auto found = layer_entries_.find(layer);
+    for (int64_t e = 0; e < n; ++e) {
+      const bool have = found != layer_entries_.end() && e < static_cast<int64_t>(found->second.size());
+      const State s = have ? found->second[e].state : State::kAbsent;
+      flags[e] = s == State::kReady || s == State::kLoading ? 1 : 0;
+    }
+  }
+
+  void count_rerouted(int64_t n) {
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.rerouted += n;
+  }
+
+  // Starts reading those of experts ids[0 .. n) of `layer` that are absent, behind every read a
+  // caller waits for, into free or evictable LRU slots only (never waiting for one).
+  void prefetch(int64_t layer, const int64_t* ids, int64_t n) {
+    std::unique_lock<std::mutex> lock(mu_);
+    auto found = layer_entries_.find(layer);
+    if (found == layer_entries_.end() || slab_ == nullptr) return;
+    for (int64_t i = 0; i < n; ++i) {
+      if (ids[i] < 0 || ids[i] >= static_cast<int64_t>(found->second.size())) continue;
+      Entry& e = found->second[ids[i]];
+      if (e.state != State::kAbsent || !take_slot(e, lock, nullptr, /*wait=*/false)) continue;
+      e.prefetched = true;
+      e.last_use = ++tick_;  // the newest: not the next LRU victim
+      ++stats_.prefetched;
+      queue_read(e, &prefetch_jobs_);
+    }
+  }
 
   // Takes a reference on each expert and starts the reads of those not resident.
   bool start(int64_t layer, const int64_t* ids, int64_t n, std::string* error) {
@@ -171,6 +220,11 @@ class Cache final : public ExpertCache {
     for (int64_t i = 0; i < n; ++i) {
       Entry& e = entries[ids[i]];
       ++e.refs;
+      if (e.prefetched) {
+        e.prefetched = false;
+        ++stats_.prefetch_used;
+        if (e.state == State::kLoading) promote(e);
+      }
       if (e.state == State::kReady || e.state == State::kLoading) {
         ++stats_.hits;
         continue;
@@ -290,7 +344,8 @@ class Cache final : public ExpertCache {
   // A slot for `e`: a free one, else the least recently used unpinned, unreferenced expert's.
   // Waits for a release when every slot is in use (only when callers together want more experts
   // at once than capacity()).
-  bool take_slot(Entry& e, std::unique_lock<std::mutex>& lock, std::string* error) {
+  bool take_slot(Entry& e, std::unique_lock<std::mutex>& lock, std::string* error,
+                 bool wait = true) {
     for (;;) {
       if (!free_.empty()) {
         e.slot = free_.back();
@@ -311,9 +366,11 @@ class Cache final : public ExpertCache {
         e.slot = victim->slot;
         victim->slot = -1;
         victim->state = State::kAbsent;
+        victim->prefetched = false;  // a hint that was never used
         if (e.pinned) ++pinned_;
         return true;
       }
+      if (!wait) return false;
       if (stop_) {
         *error = "the expert cache is closing";
         return false;
@@ -332,29 +389,54 @@ class Cache final : public ExpertCache {
   }
 
   bool start_read(Entry& e, std::unique_lock<std::mutex>& lock, std::string* error) {
-    if (!profiled_ && pinned_ < pin_quota_) e.pinned = true;  // first come, pinned
+    // Without a profile, first come, pinned: an equal share of the pinned slots per layer, so
+    // that every layer keeps some experts (which cache-aware routing can then choose).
+    if (!profiled_ && !e.pinned && pinned_ < pin_quota_ && layers_ > 0 &&
+        first_pins_[e.layer] < pin_quota_ / layers_ + (e.layer < pin_quota_ % layers_ ? 1 : 0)) {
+      e.pinned = true;
+      ++first_pins_[e.layer];
+    }
     if (!take_slot(e, lock, error)) return false;
+    queue_read(e, &jobs_);
+    return true;
+  }
+
+  // Queues the reads of `e` (which holds a slot) on `queue`: jobs_ (callers wait for them) or
+  // prefetch_jobs_ (taken only when jobs_ is empty).
+  void queue_read(Entry& e, std::deque<Job>* queue) {
     e.state = State::kLoading;
     e.error.clear();
     const int64_t length = pack::align_up(e.used, pack::kExtentAlign);
     const int64_t chunk = std::max<int64_t>(pack::kExtentAlign, opt_.chunk_bytes);
     e.chunks_left = static_cast<int>((length + chunk - 1) / chunk);
     for (int64_t at = 0; at < length; at += chunk) {
-      jobs_.push_back({&e, at, std::min(chunk, length - at)});
+      queue->push_back({&e, at, std::min(chunk, length - at)});
     }
     stats_.bytes_read += length;
     if (in_flight_++ == 0) busy_since_ = Clock::now();
     work_cv_.notify_all();
-    return true;
+  }
+
+  // A prefetched expert a caller now waits for: its reads not yet taken move to jobs_.
+  void promote(Entry& e) {
+    for (auto it = prefetch_jobs_.begin(); it != prefetch_jobs_.end();) {
+      if (it->entry == &e) {
+        jobs_.push_back(*it);
+        it = prefetch_jobs_.erase(it);
+      } else {
+        ++it;
+      }
+    }
   }
 
   void work() {
     std::unique_lock<std::mutex> lock(mu_);
     for (;;) {
-      work_cv_.wait(lock, [this] { return stop_ || !jobs_.empty(); });
+      work_cv_.wait(lock, [this] { return stop_ || !jobs_.empty() || !prefetch_jobs_.empty(); });
       if (stop_) return;
-      Job job = jobs_.front();
-      jobs_.pop_front();
+      std::deque<Job>& from = jobs_.empty() ? prefetch_jobs_ : jobs_;
+      Job job = from.front();
+      from.pop_front();
       Entry& e = *job.entry;
       uint8_t* dst = slab_ + e.slot * stride_ + job.offset;
       const int64_t where = e.file_offset + job.offset;
@@ -372,6 +454,15 @@ class Cache final : public ExpertCache {
       e.state = e.error.empty() ? State::kReady : State::kFailed;
       if (--in_flight_ == 0) stats_.busy_ns += (Clock::now() - busy_since_).count();
       ready_cv_.notify_all();
+      // A finished prefetch (no reference) is evictable now, or freed when its read failed (a
+      // caller that wants it reads again and gets the error): someone may wait for a slot.
+      if (e.refs == 0) {
+        if (e.state == State::kFailed) {
+          drop(e);
+          e.prefetched = false;
+        }
+        slot_cv_.notify_all();
+      }
     }
   }
 
@@ -418,12 +509,13 @@ class Cache final : public ExpertCache {
   mutable std::mutex mu_;
   std::condition_variable work_cv_, ready_cv_, slot_cv_;
   std::vector<std::thread> workers_;
-  std::deque<Job> jobs_;
+  std::deque<Job> jobs_, prefetch_jobs_;
   bool stop_ = false;
   std::map<const uint8_t*, LayerSource*> by_base_;
   std::vector<std::unique_ptr<LayerSource>> sources_;
   std::map<int64_t, std::vector<Entry>> layer_entries_;
   int64_t stride_ = 0, layers_ = 0, slots_ = 0, pin_quota_ = 0, pinned_ = 0;
+  std::map<int64_t, int64_t> first_pins_;  // per layer, without a profile
   bool profiled_ = false;
   uint8_t* slab_ = nullptr;
   size_t slab_bytes_ = 0;
@@ -449,6 +541,15 @@ int64_t LayerSource::next_ready(const int64_t* ids, int64_t n, const uint8_t* do
 }
 
 void LayerSource::release(const int64_t* ids, int64_t n) { cache_->release(layer_, ids, n); }
+
+bool LayerSource::residency(uint8_t* flags, int64_t n) const {
+  cache_->residency(layer_, flags, n);
+  return true;
+}
+
+void LayerSource::count_rerouted(int64_t n) { cache_->count_rerouted(n); }
+
+void LayerSource::prefetch(const int64_t* ids, int64_t n) { cache_->prefetch(layer_, ids, n); }
 
 void advise_random_range(const void* p, int64_t bytes) {
 #ifdef MADV_RANDOM
@@ -570,6 +671,19 @@ bool global_cache_stats(CacheStats* stats) {
   std::lock_guard<std::mutex> lock(g_mu);
   if (!g_cache) return false;
   *stats = g_cache->stats();
+  return true;
+}
+
+void global_cache_routing(int64_t* keep, int64_t* pool) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  *keep = *pool = 0;
+  if (g_cache) g_cache->routing(keep, pool);
+}
+
+bool set_global_cache_routing(int64_t keep, int64_t pool) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  if (!g_cache) return false;
+  g_cache->set_routing(keep, pool);
   return true;
 }
 

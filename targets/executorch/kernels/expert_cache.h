@@ -7,7 +7,8 @@
 //
 // Policy: all but `lru_share` of the slots hold pinned experts (never evicted): when the routing
 // profile in the extents' headers gives frequencies, the most frequently selected experts of all
-// layers together; without one, the first experts read. The other slots hold recently used
+// layers together; without one, the first experts read in each layer (an equal share of the
+// pinned slots per layer). The other slots hold recently used
 // experts (LRU), and bound how many experts one call may hold at once. Plain C++17 with POSIX
 // I/O; no ExecuTorch dependency.
 #pragma once
@@ -27,6 +28,8 @@ struct CacheOptions {
   double lru_share = 0.1;    // share of the slots that are never pinned (at least one)
   int64_t chunk_bytes = int64_t{4} << 20;  // one pread at most this long
   bool direct = true;        // try O_DIRECT (F_NOCACHE) first
+  int64_t route_keep = 0;    // cache-aware routing (MoeArgs::route_keep); 0: exact top-k
+  int64_t route_pool = 0;    // its candidates: the router's top route_pool
 };
 
 struct CacheStats {
@@ -35,6 +38,8 @@ struct CacheStats {
   int64_t busy_ns = 0;   // time at least one read was in flight
   int64_t slots = 0, stride = 0, pinned = 0, resident = 0;
   int64_t layers_seen = 0;
+  int64_t rerouted = 0;  // expert choices cache-aware routing changed
+  int64_t prefetched = 0, prefetch_used = 0;  // lookahead reads, and those later asked for
   bool direct = false;
 };
 
@@ -52,6 +57,9 @@ class ExpertCache {
                                      std::string* error) = 0;
   virtual CacheStats stats() const = 0;
   virtual void reset_stats() = 0;
+  // Cache-aware routing for the calls to come (see CacheOptions).
+  virtual void set_routing(int64_t keep, int64_t pool) = 0;
+  virtual void routing(int64_t* keep, int64_t* pool) const = 0;
 };
 
 // The slots a budget buys for extents of `stride` bytes (0 when it buys none).
@@ -71,6 +79,10 @@ ExpertSource* global_layer_source(const uint8_t* mapped, int64_t experts, int64_
                                   WeightFormat format, int64_t hidden, int64_t intermediate,
                                   std::string* error);
 bool global_cache_stats(CacheStats* stats);
+// The global cache's routing (keep = pool = 0 when no cache is open), and a way to set it
+// (false when no cache is open).
+void global_cache_routing(int64_t* keep, int64_t* pool);
+bool set_global_cache_routing(int64_t keep, int64_t pool);
 void reset_global_cache_stats();
 
 }  // namespace ossedge

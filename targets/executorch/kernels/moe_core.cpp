@@ -322,6 +322,41 @@ void route_top_k(const float* logits, int64_t experts, int64_t k, int64_t* ids, 
   for (int64_t j = 0; j < k; ++j) weights[j] /= sum;
 }
 
+int64_t route_cache_aware(const float* logits, int64_t experts, int64_t k, int64_t keep,
+                          int64_t pool, const uint8_t* resident, int64_t* ids, float* weights) {
+  std::vector<int64_t> order(experts);
+  for (int64_t e = 0; e < experts; ++e) order[e] = e;
+  std::stable_sort(order.begin(), order.end(),
+                   [logits](int64_t a, int64_t b) { return logits[a] > logits[b]; });
+  keep = std::min(keep, k);
+  pool = std::min(pool, experts);
+  std::vector<uint8_t> taken(experts, 0);
+  int64_t n = 0;
+  auto take = [&](int64_t e) {
+    taken[e] = 1;
+    ids[n++] = e;
+  };
+  for (int64_t j = 0; j < keep; ++j) take(order[j]);
+  for (int64_t j = keep; j < pool && n < k; ++j) {
+    if (resident[order[j]]) take(order[j]);
+  }
+  for (int64_t j = keep; j < experts && n < k; ++j) {
+    if (!taken[order[j]]) take(order[j]);
+  }
+  int64_t changed = 0;
+  for (int64_t j = 0; j < k; ++j) changed += taken[order[j]] ? 0 : 1;
+  std::sort(ids, ids + k, [logits](int64_t a, int64_t b) {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  });
+  float sum = 0.0f;
+  for (int64_t j = 0; j < k; ++j) {
+    weights[j] = std::exp(logits[ids[j]] - logits[ids[0]]);
+    sum += weights[j];
+  }
+  for (int64_t j = 0; j < k; ++j) weights[j] /= sum;
+  return changed;
+}
+
 const char* moe_isa() { return current_isa().name; }
 
 bool moe_set_isa(const char* name) {
@@ -349,10 +384,25 @@ bool moe_forward(const MoeArgs& a, float* out, std::string* error) {
     }
     routed_ids.resize(pairs);
     routed_weights.resize(pairs);
-    for (int64_t t = 0; t < a.tokens; ++t) {
-      route_top_k(a.logits + t * a.experts, a.experts, a.topk, routed_ids.data() + t * a.topk,
-                  routed_weights.data() + t * a.topk);
+    std::vector<uint8_t> resident;
+    if (a.route_keep > 0 && a.route_keep < a.topk && a.route_pool > a.route_keep &&
+        a.tokens == 1 && a.source != nullptr) {
+      resident.resize(a.experts);
+      if (!a.source->residency(resident.data(), a.experts)) resident.clear();
     }
+    int64_t rerouted = 0;
+    for (int64_t t = 0; t < a.tokens; ++t) {
+      const float* row = a.logits + t * a.experts;
+      int64_t* ids = routed_ids.data() + t * a.topk;
+      float* weights = routed_weights.data() + t * a.topk;
+      if (resident.empty()) {
+        route_top_k(row, a.experts, a.topk, ids, weights);
+      } else {
+        rerouted += route_cache_aware(row, a.experts, a.topk, a.route_keep, a.route_pool,
+                                      resident.data(), ids, weights);
+      }
+    }
+    if (rerouted > 0) a.source->count_rerouted(rerouted);
     p.ids = routed_ids.data();
     p.weights = routed_weights.data();
   }
@@ -392,6 +442,13 @@ bool moe_forward(const MoeArgs& a, float* out, std::string* error) {
     const int64_t i1 = std::min(n_active, i0 + group);
     std::string why;
     bool ok = source.start(p.active.data() + i0, i1 - i0, &why);
+    if (i0 == 0 && a.next_source != nullptr && a.next_logits != nullptr && a.tokens == 1 &&
+        a.topk <= a.next_experts) {
+      std::vector<int64_t> next_ids(a.topk);
+      std::vector<float> next_weights(a.topk);
+      route_top_k(a.next_logits, a.next_experts, a.topk, next_ids.data(), next_weights.data());
+      a.next_source->prefetch(next_ids.data(), a.topk);
+    }
     for (int64_t k = i0; ok && k < i1; ++k) {
       ExpertView view;
       const int64_t j = source.next_ready(p.active.data() + i0, i1 - i0, done.data() + i0,

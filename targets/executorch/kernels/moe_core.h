@@ -66,6 +66,21 @@ class ExpertSource {
   virtual int64_t next_ready(const int64_t* ids, int64_t n, const uint8_t* done,
                              ExpertView* view, std::string* error) = 0;
   virtual void release(const int64_t* ids, int64_t n) = 0;
+  // flags[e] = 1 for each of the n experts that is readable now without a read (for cache-aware
+  // routing); false when the source cannot tell (everything is then treated as resident).
+  virtual bool residency(uint8_t* flags, int64_t n) const {
+    (void)flags;
+    (void)n;
+    return false;
+  }
+  // Told how many expert choices of a call cache-aware routing changed (for the counters).
+  virtual void count_rerouted(int64_t n) { (void)n; }
+  // A hint that experts ids[0 .. n) will likely be wanted soon: a source may start reading
+  // them (behind the reads callers wait for) without taking a reference. Never blocks.
+  virtual void prefetch(const int64_t* ids, int64_t n) {
+    (void)ids;
+    (void)n;
+  }
 
   // start() and every next_ready(): views[i] for ids[i].
   bool acquire(const int64_t* ids, int64_t n, ExpertView* views, std::string* error);
@@ -90,6 +105,17 @@ struct MoeArgs {
   float alpha;
   ParallelFor parallel;        // nullptr: one thread
   ExpertSource* source;        // nullptr: the stacked gate_up / down tensors above
+  // Cache-aware routing (lossy, opt-in; one-token calls with `logits` and a `source` only): keep
+  // the router's top `route_keep` experts and fill the other slots with experts the source holds
+  // from the router's top `route_pool` (see route_cache_aware). 0: the exact top-k.
+  int64_t route_keep = 0;
+  int64_t route_pool = 0;
+  // Lookahead (one-token calls): the next layer's router applied to this layer's hidden state,
+  // [T, next_experts]; once this call's own reads are started, the top-k of it are handed to
+  // `next_source` as a prefetch hint. Changes no result.
+  const float* next_logits = nullptr;
+  int64_t next_experts = 0;
+  ExpertSource* next_source = nullptr;
 };
 
 // The instruction set the kernel uses: "avx512vnni", "avx512", "avx2", "neon" or "scalar". The
@@ -109,5 +135,12 @@ bool moe_forward(const MoeArgs& args, float* out, std::string* error = nullptr);
 // The top `k` of logits[0 .. experts) (ties: the lower index first, as torch.topk on CPU) and
 // their softmax: ids[0 .. k), weights[0 .. k), highest first.
 void route_top_k(const float* logits, int64_t experts, int64_t k, int64_t* ids, float* weights);
+
+// Cache-aware routing of one token: the router's top `keep` experts, then, in the router's order,
+// those of its top `pool` with resident[e] != 0, then (when still short of k) the router's next
+// best; ids and their softmax weights highest logit first, as route_top_k. Returns how many of
+// the k differ from the exact top-k. keep >= k (or pool <= keep) gives the exact top-k.
+int64_t route_cache_aware(const float* logits, int64_t experts, int64_t k, int64_t keep,
+                          int64_t pool, const uint8_t* resident, int64_t* ids, float* weights);
 
 }  // namespace ossedge

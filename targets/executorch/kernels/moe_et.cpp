@@ -108,7 +108,8 @@ class PackedInPlace final : public ossedge::ExpertSource {
 
 Tensor& moe_packed_out(KernelRuntimeContext& ctx, ossedge::WeightFormat format, const Tensor& x,
                        const Tensor& logits, const Tensor& experts, int64_t top_k,
-                       int64_t inter, double limit, double alpha, Tensor& out) {
+                       int64_t inter, double limit, double alpha, Tensor& out,
+                       const Tensor* next_logits = nullptr, const Tensor* next_experts = nullptr) {
   const bool ok_inputs = x.scalar_type() == ScalarType::Float && x.dim() == 2 &&
                          logits.scalar_type() == ScalarType::Float && logits.dim() == 2 &&
                          logits.size(0) == x.size(0) && experts.scalar_type() == ScalarType::Byte &&
@@ -149,6 +150,28 @@ Tensor& moe_packed_out(KernelRuntimeContext& ctx, ossedge::WeightFormat format, 
   a.alpha = static_cast<float>(alpha);
   a.parallel = kParallel;
   a.source = cached != nullptr ? cached : &in_place;
+  if (cached != nullptr) ossedge::global_cache_routing(&a.route_keep, &a.route_pool);
+  if (cached != nullptr && next_logits != nullptr && next_experts != nullptr) {
+    // Lookahead: the next layer's experts tensor has this layer's shape (checked at its header).
+    const bool ok_next = next_logits->scalar_type() == ScalarType::Float &&
+                         next_logits->dim() == 2 && next_logits->size(0) == x.size(0) &&
+                         next_experts->scalar_type() == ScalarType::Byte &&
+                         next_experts->dim() == 2 && next_experts->size(1) == stride &&
+                         next_logits->size(1) == next_experts->size(0) &&
+                         ossedge::tensors_ok({next_logits, next_experts});
+    ET_KERNEL_CHECK_MSG(ctx, ok_next, InvalidArgument, out,
+                        "ossedge moe: next-layer logits float [T, E] and experts uint8 [E, stride]");
+    a.next_source = ossedge::global_layer_source(next_experts->const_data_ptr<uint8_t>(),
+                                                 next_experts->size(0), stride, format, h, inter,
+                                                 &error);
+    if (a.next_source == nullptr && !error.empty()) {
+      std::fprintf(stderr, "ossedge moe: %s\n", error.c_str());
+      ctx.fail(Error::InvalidProgram);
+      return out;
+    }
+    a.next_logits = next_logits->const_data_ptr<float>();
+    a.next_experts = next_experts->size(0);
+  }
   if (!ossedge::moe_forward(a, out.mutable_data_ptr<float>(), &error)) {
     std::fprintf(stderr, "ossedge moe: %s\n", error.c_str());  // ET_LOG may be compiled out
     ctx.fail(Error::InvalidProgram);
@@ -178,12 +201,28 @@ Tensor& moe_packed_format_out(KernelRuntimeContext& ctx, const Tensor& x, const 
 constexpr auto moe_mxfp4_packed_out = moe_packed_format_out<ossedge::WeightFormat::kMxfp4>;
 constexpr auto moe_int4_packed_out = moe_packed_format_out<ossedge::WeightFormat::kInt4>;
 
+// The lookahead variant: also the next layer's router logits (from this layer's hidden state)
+// and packed experts, whose likely experts the cache starts reading while this layer computes.
+template <ossedge::WeightFormat kFormat>
+Tensor& moe_ahead_format_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& logits,
+                             const Tensor& experts, const Tensor& next_logits,
+                             const Tensor& next_experts, int64_t top_k, int64_t inter,
+                             double limit, double alpha, Tensor& out) {
+  return moe_packed_out(ctx, kFormat, x, logits, experts, top_k, inter, limit, alpha, out,
+                        &next_logits, &next_experts);
+}
+
+constexpr auto moe_mxfp4_ahead_out = moe_ahead_format_out<ossedge::WeightFormat::kMxfp4>;
+constexpr auto moe_int4_ahead_out = moe_ahead_format_out<ossedge::WeightFormat::kInt4>;
+
 }  // namespace
 
 EXECUTORCH_LIBRARY(ossedge, "moe_mxfp4.out", moe_mxfp4_out);
 EXECUTORCH_LIBRARY(ossedge, "moe_int4.out", moe_int4_out);
 EXECUTORCH_LIBRARY(ossedge, "moe_mxfp4_packed.out", moe_mxfp4_packed_out);
 EXECUTORCH_LIBRARY(ossedge, "moe_int4_packed.out", moe_int4_packed_out);
+EXECUTORCH_LIBRARY(ossedge, "moe_mxfp4_ahead.out", moe_mxfp4_ahead_out);
+EXECUTORCH_LIBRARY(ossedge, "moe_int4_ahead.out", moe_int4_ahead_out);
 
 // For hosts that load the library with dlopen/ctypes: which SIMD path the kernels use, and a way
 // to choose another (returns 0 when this build or CPU lacks it).
@@ -194,7 +233,8 @@ extern "C" int ossedge_moe_set_isa(const char* name) { return ossedge::moe_set_i
 // a byte budget before running the program (0 on success; else -1 and a message in `error`),
 // close it to read experts from the mapped file again, and read its counters:
 // stats[0..11) = hits, misses, bytes read, ns waited for reads, slots, slot bytes, pinned,
-// resident, layers seen, 1 if reads bypass the page cache, ns with a read in flight.
+// resident, layers seen, 1 if reads bypass the page cache, ns with a read in flight, expert
+// choices changed by cache-aware routing, lookahead reads, lookahead reads later asked for.
 extern "C" int ossedge_expert_cache_open(const char* path, int64_t budget_bytes, int io_threads,
                                          double lru_share, char* error, int64_t error_len) {
   ossedge::CacheOptions o;
@@ -215,9 +255,28 @@ extern "C" int ossedge_expert_cache_stats(int64_t* stats, int64_t n) {
   if (!ossedge::global_cache_stats(&s)) return -1;
   const int64_t v[] = {s.hits,  s.misses,   s.bytes_read, s.wait_ns,     s.slots,
                        s.stride, s.pinned, s.resident,   s.layers_seen, s.direct ? 1 : 0,
-                       s.busy_ns};
-  for (int64_t i = 0; i < n && i < 11; ++i) stats[i] = v[i];
+                       s.busy_ns, s.rerouted, s.prefetched, s.prefetch_used};
+  for (int64_t i = 0; i < n && i < 14; ++i) stats[i] = v[i];
   return 0;
 }
 
 extern "C" void ossedge_expert_cache_reset_stats() { ossedge::reset_global_cache_stats(); }
+
+// Cache-aware routing (lossy, off by default) for the open cache's one-token calls: keep the
+// router's top `keep` experts and fill the other slots with cached experts from its top `pool`
+// (moe_core.h route_cache_aware). keep = 0 restores the exact top-k. 0 on success; -1 when no
+// cache is open or pool < 0.
+extern "C" int ossedge_expert_cache_set_routing(int64_t keep, int64_t pool) {
+  if (keep < 0 || pool < 0) return -1;
+  return ossedge::set_global_cache_routing(keep, pool) ? 0 : -1;
+}
+
+// The routing rule itself, for hosts that check or simulate it: one token's logits [experts],
+// resident flags [experts] → ids [k] and weights [k]; returns how many choices differ from the
+// exact top-k.
+extern "C" int64_t ossedge_route_cache_aware(const float* logits, int64_t experts, int64_t k,
+                                             int64_t keep, int64_t pool, const uint8_t* resident,
+                                             int64_t* ids, float* weights) {
+  if (experts < 1 || k < 1 || k > experts || keep < 0 || pool < 0) return -1;
+  return ossedge::route_cache_aware(logits, experts, k, keep, pool, resident, ids, weights);
+}
