@@ -62,6 +62,7 @@ demo: install
 	$(BIN)/ossedge verify $(DEMO_DIR)/tiny-executorch --reference $(MODEL)
 	$(BIN)/ossedge generate $(DEMO_DIR)/tiny-executorch --prompt "class Stack:" --max-new-tokens 64 --temperature 0
 	$(BIN)/ossedge generate $(DEMO_DIR)/tiny-executorch --prompt "class Stack:" --max-new-tokens 64 --temperature 0 --expert-cache 2M
+	$(BIN)/ossedge eval $(DEMO_DIR)/tiny-executorch --reference $(MODEL) --max-tokens 1024 --expert-cache 864K --cache-aware-routing 1
 	$(BIN)/ossedge convert $(MODEL) --target coreml -o $(DEMO_DIR)/tiny-coreml --max-context 1024 --force
 	$(BIN)/ossedge verify $(DEMO_DIR)/tiny-coreml --reference $(MODEL)
 	$(BIN)/ossedge convert $(MODEL) --target onnx -o $(DEMO_DIR)/tiny-onnx --max-context 1024 --force

@@ -19,7 +19,8 @@ import sys
 import time
 
 
-def load(backend: str, model: str, threads: int | None = None, expert_cache: str = "auto"):
+def load(backend: str, model: str, threads: int | None = None, expert_cache: str = "auto",
+         routing: tuple[int, int | None] = (0, None)):  # fmt: skip
     """(model, vocab size) with the reference runtime's generation contract."""
     if backend == "reference":
         import torch
@@ -38,7 +39,8 @@ def load(backend: str, model: str, threads: int | None = None, expert_cache: str
     from ossedge.runtime.expert_cache import parse_option
 
     m = open_artifact(model, engine="coreml" if backend == "coreml" else "auto",
-                      expert_cache=parse_option(expert_cache))  # fmt: skip
+                      expert_cache=parse_option(expert_cache), cache_aware_routing=routing[0],
+                      routing_pool=routing[1])  # fmt: skip
     return m, m.config.vocab_size
 
 
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--expert-cache", default="auto", help="ExecuTorch: auto, off or a size")
+    p.add_argument("--cache-aware-routing", type=int, default=0)
+    p.add_argument("--routing-pool", type=int, default=None)
     p.add_argument("--prompt-ids", default=None, help="Comma-separated prompt token ids "
                    "(instead of a seeded random prompt of --prompt-length)")
     a = p.parse_args(argv)
@@ -126,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
 
             portable_lib._unsafe_reset_threadpool(a.threads)
     t0 = time.perf_counter()
-    model, vocab = load(a.backend, a.model, a.threads, a.expert_cache)
+    model, vocab = load(a.backend, a.model, a.threads, a.expert_cache,
+                        (a.cache_aware_routing, a.routing_pool))
     load_s = time.perf_counter() - t0
     if a.prompt_ids:
         ids = torch.tensor([[int(x) for x in a.prompt_ids.split(",")]])

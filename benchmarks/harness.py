@@ -114,6 +114,10 @@ def _command(backend: str, runner: str, remote: dict[str, str], n: int, a: dict,
         common += ["--threads", str(a["threads"])]
     if backend == "executorch":
         common += ["--expert-cache", a["expert_cache"]]
+        if a["cache_aware_routing"]:
+            common += ["--cache-aware-routing", str(a["cache_aware_routing"])]
+        if a["routing_pool"]:
+            common += ["--routing-pool", str(a["routing_pool"])]
     if runner == "native":
         return [remote["runner"], "--model", remote["model"], "--kernels", remote["kernels"],
                 "--weights", a["weights"], *common]
@@ -137,6 +141,8 @@ def run_bench(
     runner_bin: str | Path | None = None,
     weights: str = "mmap",
     expert_cache: str = "auto",
+    cache_aware_routing: int = 0,
+    routing_pool: int | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     from ossedge.benchmarks.limits import parse_size
@@ -169,6 +175,9 @@ def run_bench(
         raise BenchError(str(e)) from None
     if expert_cache != "auto" and backend != "executorch":
         raise BenchError(f"--expert-cache is an ExecuTorch option; drop it for --backend {backend}")
+    if (cache_aware_routing or routing_pool) and backend != "executorch":
+        raise BenchError("--cache-aware-routing is an ExecuTorch option; drop it for --backend "
+                         f"{backend}")  # fmt: skip
     if expert_cache not in ("auto", "off") and weights == "heap":
         raise BenchError("--expert-cache reads experts from model.ptd; it does not apply to "
                          "--weights heap")
@@ -205,6 +214,7 @@ def run_bench(
     settings = {"prompt_lengths": list(prompt_lengths), "gen_tokens": gen_tokens, "runs": runs,
                 "warmup": warmup, "threads": threads, "seed": seed, "weights": weights,
                 "expert_cache": expert_cache if backend == "executorch" else None,
+                "cache_aware_routing": cache_aware_routing, "routing_pool": routing_pool,
                 "memory_limit": memory_limit, "memory_limit_bytes": limit}
     results, readings = _with_bandwidth(device, lambda: measure(
         transport, lambda n: _command(backend, runner, remote, n, settings, info["vocab_size"]),

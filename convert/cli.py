@@ -248,9 +248,9 @@ def eval_(model, reference, text, window, max_tokens, dtype, expert_cache, cache
     "cache pins the experts it selects most.",
 )
 @click.option(
-    "--lookahead", is_flag=True,
-    help="executorch only: each layer's MoE also applies the next layer's router to its hidden "
-    "state, and the expert cache starts reading those experts early (same results).",
+    "--lookahead/--no-lookahead", default=None,
+    help="executorch: each layer's MoE also applies the next layer's router to its hidden state, "
+    "and the expert cache starts reading those experts early (same results) [default: on].",
 )
 @click.option("--force", is_flag=True,
               help="Replace OUT if it exists; with --device, build even what does not fit.")
@@ -271,7 +271,7 @@ def convert(ckpt, out, target, recipe, deployment_target, chunk_mb, max_context,
     option = None
     if expert_profile is not None and target != "executorch":
         raise click.UsageError("--expert-profile applies to --target executorch only")
-    if lookahead and target != "executorch":
+    if lookahead is not None and target != "executorch":
         raise click.UsageError("--lookahead applies to --target executorch only")
     if device_name is not None and target == "onnx":
         raise click.UsageError("--device plans the executorch and coreml targets; drop it for onnx")
@@ -315,7 +315,7 @@ def convert(ckpt, out, target, recipe, deployment_target, chunk_mb, max_context,
             lookahead=lookahead,
         )
         where = ("executorch" + (", with a routing profile" if profile else "")
-                 + (", lookahead" if lookahead else ""))  # fmt: skip
+                 + (", lookahead" if m["experts"].get("lookahead_op") else ""))  # fmt: skip
     if option is not None:
         _record_plan(out, m, option, device_name)
     size = sum(f["bytes"] for f in m["files"].values())

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from ossedge.convert.cli_common import routing_options
+
 
 class _DefaultRun(click.Group):
     """`ossedge bench MODEL …` means `ossedge bench run MODEL …`; `report` is the other verb."""
@@ -65,6 +67,7 @@ def _lengths(ctx, param, value: str | None) -> tuple[int, ...] | None:
               help="ExecuTorch: read experts through a cache of this many bytes of anonymous "
               "memory (e.g. 6G), off (the memory-mapped model.ptd), or auto: off where the "
               "artifact fits the memory limit, else the limit minus the resident rest.")
+@routing_options
 @click.option("--peer", type=click.Choice(["llama.cpp"]), default=None,
               help="Then run llama.cpp (llama-cpp-python, `pip install llama-cpp-python`) on the "
               "same weights as a GGUF, same prompts and threads → OUTPUT's name + .llama-cpp.json.")
@@ -74,7 +77,8 @@ def _lengths(ctx, param, value: str | None) -> tuple[int, ...] | None:
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True)
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 def run(model, backend, runner, device, prompt_lengths, gen_tokens, runs, warmup, threads,
-        memory_limit, runner_bin, weights, expert_cache, peer, peer_gguf, out, force) -> None:
+        memory_limit, runner_bin, weights, expert_cache, cache_aware_routing, routing_pool, peer,
+        peer_gguf, out, force) -> None:  # fmt: skip
     """Measure MODEL: load time, time to first token, prefill and decode tok/s (median and
     spread over --runs), peak RSS (heap and file-backed), per prompt length → OUTPUT (JSON)."""
     from ossedge.benchmarks.harness import BenchError, run_bench, run_peer
@@ -93,7 +97,8 @@ def run(model, backend, runner, device, prompt_lengths, gen_tokens, runs, warmup
     r = run_bench(model, backend=backend, runner=runner, device=device, runner_bin=runner_bin,
                   prompt_lengths=prompt_lengths, gen_tokens=gen_tokens, runs=runs,
                   warmup=warmup, threads=threads, memory_limit=memory_limit, weights=weights,
-                  expert_cache=expert_cache, progress=progress)
+                  expert_cache=expert_cache, cache_aware_routing=cache_aware_routing,
+                  routing_pool=routing_pool, progress=progress)
     _write(out, r)
     if peer:
         _write(peer_out, run_peer(r, gguf=peer_gguf or out.with_suffix(".gguf"),

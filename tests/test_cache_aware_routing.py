@@ -155,3 +155,18 @@ def test_native_runner_reroutes_and_refuses_bad_options(et_artifact) -> None:
     p = subprocess.run([*base, "--expert-cache", "off", "--cache-aware-routing", "1"],
                        capture_output=True, text=True)  # fmt: skip
     assert p.returncode == 1 and "needs the expert cache" in p.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("runner", ["pybindings", "native"])
+def test_bench_passes_routing_to_its_runner(et_artifact, runner, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    p = run("bench", str(et_artifact), "--runner", runner, "--prompt-lengths", "16",
+            "--gen-tokens", "4", "--runs", "1", "--warmup", "0", "--expert-cache",
+            str(6 * _stride(et_artifact)), "--cache-aware-routing", "1", "-o", str(out))  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    r = json.loads(out.read_text())
+    assert r["settings"]["cache_aware_routing"] == 1
+    assert len(r["results"][0]["raw"]["runs"][0]["tokens"]) == 4
+    p = run("bench", str(default_model_dir()), "--backend", "reference", "--cache-aware-routing",
+            "1", "-o", str(tmp_path / "x.json"))  # fmt: skip
+    assert_one_line_error(p, "is an ExecuTorch option")

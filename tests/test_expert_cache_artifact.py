@@ -45,7 +45,8 @@ def test_cache_gives_the_mapped_logits_bitwise(et_artifact, prompt, mapped, slot
     s = model.expert_cache_stats()
     assert s["slots"] == slots and s["direct"] in (0, 1)
     if slots < 32:  # 4 layers x 8 experts: a small cache misses again and again
-        assert s["misses"] > 32 - slots and s["bytes_read"] == s["misses"] * s["slot_bytes"]
+        assert s["misses"] > 32 - slots
+        assert s["bytes_read"] == (s["misses"] + s["prefetched"]) * s["slot_bytes"]
     else:  # every expert read once (the warm-up step read some before the counters reset)
         assert s["misses"] <= 32 and s["hits"] > 0
 

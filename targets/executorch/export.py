@@ -250,20 +250,21 @@ def convert(
     verify_tokens: int | None = None,
     profile: dict[str, Any] | None = None,
     contract: int = CONTRACT_VERSION,
-    lookahead: bool = False,
+    lookahead: bool | None = None,
 ) -> dict[str, Any]:
     """Convert a checkpoint into an ExecuTorch artifact directory `out` (atomically); verify it
     against the checkpoint unless `verify_tokens` is 0. `profile` (ossedge.runtime.profile) is
     embedded in the manifest and in the packed experts' headers, for the expert cache's pinning.
     `contract` 1 writes the older layout (stacked expert tensors, no cache), for apps built
-    against it. `lookahead` runs the MoE ops that hand the expert cache the next layer's likely
-    experts (same results; contract 2). Returns the manifest."""
+    against it. `lookahead` (default: on for contract 2) runs the MoE ops that hand the expert
+    cache the next layer's likely experts (same results). Returns the manifest."""
     if contract not in (1, CONTRACT_VERSION):
         raise ExportError(f"contract version {contract}: this ossedge writes 1 or {CONTRACT_VERSION}")
     if contract == 1 and profile is not None:
         raise ExportError("a routing profile needs contract version 2 (packed experts)")
     if contract == 1 and lookahead:
         raise ExportError("lookahead needs contract version 2 (packed experts)")
+    lookahead = contract >= 2 if lookahead is None else lookahead
     import time
 
     from tqdm import tqdm

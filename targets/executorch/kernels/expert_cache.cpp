@@ -233,7 +233,32 @@ class Cache final : public ExpertCache {
       ++stats_.misses;
       if (!start_read(e, lock, error)) return false;
     }
+    if (!prefetch_jobs_.empty()) cancel_unused_prefetches(entries);
     return true;
+  }
+
+  // The layer's own call has come: hints it did not ask for whose reads have not begun are
+  // dropped (their slots freed), so that a wrong guess costs no disk time once I/O-bound.
+  void cancel_unused_prefetches(std::vector<Entry>& entries) {
+    for (Entry& e : entries) {
+      if (!e.prefetched || e.refs > 0 || e.state != State::kLoading) continue;
+      int pending = 0;
+      int64_t bytes = 0;
+      for (const Job& j : prefetch_jobs_) {
+        if (j.entry == &e) ++pending, bytes += j.length;
+      }
+      if (pending != e.chunks_left) continue;  // a chunk is being read: let it finish
+      for (auto it = prefetch_jobs_.begin(); it != prefetch_jobs_.end();) {
+        it = it->entry == &e ? prefetch_jobs_.erase(it) : it + 1;
+      }
+      stats_.bytes_read -= bytes;
+      --stats_.prefetched;
+      if (--in_flight_ == 0) stats_.busy_ns += (Clock::now() - busy_since_).count();
+      e.prefetched = false;
+      e.chunks_left = 0;
+      drop(e);
+    }
+    slot_cv_.notify_all();
   }
 
   // The lowest i with !done[i] whose expert is readable (waiting for one when none is yet).

@@ -39,7 +39,8 @@ struct CacheStats {
   int64_t slots = 0, stride = 0, pinned = 0, resident = 0;
   int64_t layers_seen = 0;
   int64_t rerouted = 0;  // expert choices cache-aware routing changed
-  int64_t prefetched = 0, prefetch_used = 0;  // lookahead reads, and those later asked for
+  // lookahead reads (not counting those cancelled before they began), and those asked for
+  int64_t prefetched = 0, prefetch_used = 0;
   bool direct = false;
 };
 
