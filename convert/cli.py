@@ -167,6 +167,10 @@ def eval_(model, reference, text, window, max_tokens, dtype, expert_cache, cache
     ids = tok.encode(body)[:max_tokens]
     if len(ids) < 2:
         raise click.BadParameter(f"{label} has fewer than 2 tokens", param_hint="--text")
+    context = mdl.config.max_position_embeddings
+    if min(window, len(ids)) > context:
+        raise click.BadParameter(f"{window} tokens do not fit {model}'s context of {context}; "
+                                 f"give --window {context} or less", param_hint="--window")  # fmt: skip
     r = evaluate(mdl, ref, ids, window=window, progress=_progress())
     result = {"model": describe(model), "reference": describe(reference), "text": label, **r}
     stats = getattr(mdl, "expert_cache_stats", lambda: None)()

@@ -134,6 +134,8 @@ def test_bad_routing_options_fail_in_one_line(et_artifact, tmp_path: Path) -> No
     for extra, needle in cases:
         p = run("generate", str(et_artifact), "--prompt", "x", *extra)
         assert_one_line_error(p, needle, code=2)
+    p = run("eval", str(et_artifact), "--reference", str(default_model_dir()), "--window", "4000")
+    assert p.returncode == 2 and "context of 2048; give --window 2048 or less" in p.stderr
     p = run("generate", str(default_model_dir()), "--prompt", "x", "--cache-aware-routing", "1")
     assert_one_line_error(p, "applies to ExecuTorch artifacts", code=2)
     with pytest.raises(CacheOptionError, match="needs the expert cache"):
