@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -28,9 +29,15 @@ from ossedge.quantize.recipes import DEFAULT_RECIPE, RECIPES
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.option("--strict-config", is_flag=True,
+              help="Refuse config.json keys that gpt-oss does not use (default: ignore them with "
+              "one warning).")  # fmt: skip
 @click.version_option(__version__, prog_name="ossedge")
-def cli(debug: bool) -> None:
+def cli(debug: bool, strict_config: bool) -> None:
     """Quantize, export, size and benchmark gpt-oss-20b for 16 GB phones, tablets and laptops."""
+    from ossedge.runtime import config
+
+    config.strict(strict_config)
 
 
 @cli.command()
@@ -453,11 +460,17 @@ cli.add_command(bundle)
 cli.add_command(bench)
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line on stderr: `warning: …`."""
+    click.echo(f"warning: {message}", err=True)
+
+
 def main() -> None:
     """Console entry point: typed errors become one line and an exit code (tracebacks: --debug)."""
     from ossedge.runtime.errors import OssedgeError
 
     debug = "--debug" in sys.argv[1:]
+    warnings.showwarning = _one_line_warning
     try:
         cli.main(standalone_mode=False, prog_name="ossedge")
     except click.exceptions.Exit as e:

@@ -1,6 +1,11 @@
-"""Strict gpt-oss configuration, read from an HF `config.json` or an OpenAI `original/config.json`.
+"""gpt-oss configuration, read from an HF `config.json` or an OpenAI `original/config.json`.
 
-Unknown keys, missing keys and inconsistent values raise `ConfigError` naming the key and file.
+As transformers does, keys that change nothing are accepted: transformers' generic
+`PretrainedConfig` attributes (`id2label`, `chunk_size_feed_forward`, …) and keys written by other
+tools (`unsloth_version`, …), named in one `ConfigWarning` per file (`strict(True)`, the CLI's
+`--strict-config`, makes them errors). Missing keys and values that would change the model's math
+(rope type, activation, biases, tied embeddings, pruned heads, layer-type lengths, …) raise
+`ConfigError` naming the key, its value and what gpt-oss needs.
 """
 
 from __future__ import annotations
@@ -8,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -34,6 +40,32 @@ HF_IGNORED_KEYS = frozenset(
         "_name_or_path",
     }
 )
+# transformers' generic PretrainedConfig attributes (and what its save_pretrained writes) that do
+# not change a decoder-only model's outputs: generation defaults, labels, export flags, ids.
+PRETRAINED_KEYS = frozenset(
+    {
+        "return_dict", "output_hidden_states", "output_attentions", "torchscript",
+        "use_bfloat16", "tf_legacy_loss", "chunk_size_feed_forward", "is_decoder",
+        "cross_attention_hidden_size", "max_length", "min_length", "do_sample",
+        "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature",
+        "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
+        "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+        "num_return_sequences", "output_scores", "return_dict_in_generate",
+        "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+        "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+        "finetuning_task", "id2label", "label2id", "num_labels", "tokenizer_class", "prefix",
+        "sep_token_id", "decoder_start_token_id", "task_specific_params", "problem_type",
+        "_attn_implementation", "_attn_implementation_autoset", "_commit_hash",
+        "_name_or_path", "output_router_logits",
+    }
+)  # fmt: skip
+# Generic attributes accepted only at the value that leaves a decoder-only model unchanged.
+PRETRAINED_NEUTRAL = {
+    "pruned_heads": {},
+    "is_encoder_decoder": False,
+    "add_cross_attention": False,
+    "tie_encoder_decoder": False,
+}
 # HF keys that must hold one fixed value for a gpt-oss model.
 HF_FIXED_KEYS = {
     "model_type": "gpt_oss",
@@ -252,6 +284,34 @@ class GptOssConfig:
         return dataclasses.replace(self, **changes)
 
 
+class ConfigWarning(UserWarning):
+    """A config.json carries keys ossedge ignores (they change nothing)."""
+
+
+_STRICT = [False]
+
+
+def strict(on: bool) -> None:
+    """Make ignored keys errors (the CLI's --strict-config) or, again, warnings."""
+    _STRICT[0] = on
+
+
+def _ignore(keys: list[str], source: str, known: str) -> None:
+    """Accept keys that change nothing: one ConfigWarning naming them, or with strict(True) a
+    ConfigError."""
+    if not keys:
+        return
+    generic = [k for k in keys if k in PRETRAINED_KEYS]
+    other = [k for k in keys if k not in PRETRAINED_KEYS]
+    parts = ([f"generic transformers keys {', '.join(generic)}"] if generic else []) + (
+        [f"keys that are not {known}: {', '.join(other)}"] if other else [])
+    what = " and ".join(parts)
+    if _STRICT[0]:
+        raise ConfigError(f"{source}: {what} (--strict-config refuses them); remove them or load "
+                          "without --strict-config")  # fmt: skip
+    warnings.warn(f"{source}: ignoring {what}; they change nothing", ConfigWarning, stacklevel=3)
+
+
 def _require(d: dict[str, Any], key: str, source: str) -> Any:
     if key not in d:
         raise ConfigError(f"{source}: missing required key {key!r}")
@@ -285,20 +345,22 @@ def _yarn_from_hf(d: dict[str, Any], source: str) -> tuple[YarnScaling, float]:
 
 
 def config_from_hf_dict(d: dict[str, Any], source: str = "config.json") -> GptOssConfig:
-    known = (
-        HF_IGNORED_KEYS
-        | set(HF_FIXED_KEYS)
-        | {f.name for f in dataclasses.fields(GptOssConfig)}
-        | {"experts_per_token", "rope_parameters"}
-    )
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ConfigError(f"{source}: unknown key {unknown[0]!r}; is this a gpt-oss config.json?")
-    for key, want in HF_FIXED_KEYS.items():
+    if "model_type" in d and d["model_type"] != "gpt_oss":
+        raise ConfigError(f"{source}: model_type is {d['model_type']!r}; gpt-oss requires "
+                          "'gpt_oss' (is this a gpt-oss config.json?)")  # fmt: skip
+    for key, want in (*HF_FIXED_KEYS.items(), *PRETRAINED_NEUTRAL.items()):
         if key in d and d[key] != want:
             raise ConfigError(f"{source}: {key} is {d[key]!r}; gpt-oss requires {want!r}")
     if "model_type" not in d:
         raise ConfigError(f"{source}: missing required key 'model_type' (expected 'gpt_oss')")
+    known = (
+        HF_IGNORED_KEYS
+        | set(HF_FIXED_KEYS)
+        | set(PRETRAINED_NEUTRAL)
+        | {f.name for f in dataclasses.fields(GptOssConfig)}
+        | {"experts_per_token", "rope_parameters"}
+    )
+    _ignore(sorted(set(d) - known), source, "gpt-oss settings")
     k = _require(d, "num_experts_per_tok", source)
     if "experts_per_token" in d and d["experts_per_token"] != k:
         raise ConfigError(
@@ -352,12 +414,11 @@ def config_from_hf_dict(d: dict[str, Any], source: str = "config.json") -> GptOs
 
 
 def config_from_original_dict(d: dict[str, Any], source: str = "original/config.json") -> GptOssConfig:
-    unknown = sorted(set(d) - ORIGINAL_KEYS)
-    if unknown:
-        raise ConfigError(f"{source}: unknown key {unknown[0]!r}; is this a gpt-oss original config?")
     missing = sorted(ORIGINAL_KEYS - set(d))
     if missing:
-        raise ConfigError(f"{source}: missing required key {missing[0]!r}")
+        raise ConfigError(f"{source}: missing required key {missing[0]!r}; is this a gpt-oss "
+                          "original config?")  # fmt: skip
+    _ignore(sorted(set(d) - ORIGINAL_KEYS), source, "gpt-oss original settings")
     n = d["num_hidden_layers"]
     ctx = d["initial_context_length"]
     factor = float(d["rope_scaling_factor"])

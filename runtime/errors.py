@@ -8,7 +8,8 @@ class OssedgeError(Exception):
 
 
 class ConfigError(OssedgeError):
-    """A config.json is missing, malformed, has unknown keys or inconsistent values."""
+    """A config.json is missing, malformed, or has values gpt-oss cannot run (or, under
+    --strict-config, keys it does not use)."""
 
 
 class CheckpointError(OssedgeError):

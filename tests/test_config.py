@@ -1,4 +1,5 @@
-"""Strict config: the 20b preset is the released config, errors name the key and the file, the
+"""Config loading: the 20b preset is the released config, errors name the key and the file, keys that
+change nothing (fine-tuning tools' stamps) load with one warning (errors under --strict-config), the
 OpenAI original form and transformers 5's `rope_parameters` form load to the same config."""
 
 from __future__ import annotations
@@ -6,12 +7,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import shutil
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import pytest
+from clitools import assert_one_line_error, run
 
+from ossedge.assets import default_model_dir
+from ossedge.runtime import config
 from ossedge.runtime.config import (
     FULL,
     SLIDING,
@@ -129,7 +134,10 @@ def with_layer_types(types: list[str]) -> dict[str, Any]:
 
 
 BAD_CONFIGS = [
-    ("unknown-key", mutated(moe_impl="fast"), "moe_impl"),
+    ("pruned-heads", mutated(pruned_heads={"0": [1]}), "pruned_heads"),
+    ("encoder-decoder", mutated(is_encoder_decoder=True), "is_encoder_decoder"),
+    ("no-attention-bias", mutated(attention_bias=False), "attention_bias"),
+    ("gelu", mutated(hidden_act="gelu"), "hidden_act"),
     ("missing-hidden_size", mutated(hidden_size=...), "hidden_size"),
     ("missing-vocab_size", mutated(vocab_size=...), "vocab_size"),
     ("missing-layer_types", mutated(layer_types=...), "layer_types"),
@@ -176,7 +184,6 @@ def test_bad_hf_config_names_key_and_file(tmp_path: Path, d: dict[str, Any], key
 
 
 ORIGINAL_BAD = [
-    ("unknown-key", {**OFFICIAL_ORIGINAL, "num_layers": 24}, "num_layers"),
     ("missing-key", {k: v for k, v in OFFICIAL_ORIGINAL.items() if k != "rope_ntk_beta"},
      "rope_ntk_beta"),
     ("heads-not-multiple-of-kv", {**OFFICIAL_ORIGINAL, "num_key_value_heads": 7},
@@ -276,6 +283,55 @@ def test_truncate_flag(rope_edit: dict[str, Any], truncate: bool, form: str) -> 
         rope["rope_theta"] = d.pop("rope_theta")
     d[form] = rope
     assert config_from_hf_dict(d).rope_scaling.truncate is truncate
+
+
+# What fine-tuning tools write into a gpt-oss config.json (transformers' generic attributes and
+# their own stamps): transformers loads it, and so must ossedge.
+FINE_TUNED = {"id2label": {"0": "LABEL_0", "1": "LABEL_1"}, "label2id": {"LABEL_0": 0, "LABEL_1": 1},
+              "chunk_size_feed_forward": 0, "pruned_heads": {}, "is_encoder_decoder": False,
+              "return_dict": True, "unsloth_fixed": True, "unsloth_version": "2025.8.1",
+              "moe_impl": "fast"}  # fmt: skip
+
+
+def test_fine_tuned_config_loads_with_one_warning(tmp_path: Path) -> None:
+    path = write(tmp_path, mutated(**FINE_TUNED))
+    with pytest.warns(config.ConfigWarning) as caught:
+        assert load_config(path) == preset("20b")
+    assert len(caught) == 1
+    msg = str(caught[0].message)
+    for key in ("id2label", "label2id", "chunk_size_feed_forward", "return_dict",
+                "unsloth_fixed", "unsloth_version", "moe_impl"):  # fmt: skip
+        assert key in msg, msg
+    assert "pruned_heads" not in msg and str(path) in msg  # at their neutral values: silent
+    config.strict(True)
+    try:
+        with pytest.raises(ConfigError, match="--strict-config refuses") as err:
+            load_config(path)
+        assert "unsloth_version" in str(err.value)
+    finally:
+        config.strict(False)
+
+
+def test_original_config_extra_keys_are_warned(tmp_path: Path) -> None:
+    path = write(tmp_path, {**OFFICIAL_ORIGINAL, "notes": "fine-tuned"}, "original/config.json")
+    with pytest.warns(config.ConfigWarning, match="notes"):
+        assert load_config(path) == load_config(write(tmp_path / "o", OFFICIAL_ORIGINAL,
+                                                      "original/config.json"))  # fmt: skip
+
+
+def test_cli_warns_in_one_line_and_strict_refuses(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ft"
+    shutil.copytree(default_model_dir(), ckpt)
+    d = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**d, **FINE_TUNED}))
+    p = run("inspect", str(ckpt))
+    assert p.returncode == 0, p.stderr
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "unsloth_fixed" in lines[0]
+    assert_one_line_error(run("--strict-config", "inspect", str(ckpt)), "unsloth_fixed")
+    (ckpt / "config.json").write_text(json.dumps({**d, "tie_word_embeddings": True}))
+    assert_one_line_error(run("inspect", str(ckpt)), "tie_word_embeddings is True",
+                          "requires False")  # fmt: skip
 
 
 def test_ignored_hf_keys_do_not_change_the_config() -> None:
