@@ -82,6 +82,9 @@ def _parse_header(raw: str, role: str | None) -> tuple[_Header, list[str]]:
             found["recipient"] = w[3:]
         elif role is None:
             role = w
+        elif found["channel"] is not None and found["content_type"] is None and not problems:
+            # a bare content type after the channel (`commentary json`), as openai-harmony reads it
+            found["content_type"] = w
         else:
             problems.append(f"unexpected {w!r}")
         i += 1

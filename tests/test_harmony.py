@@ -151,6 +151,25 @@ def test_tool_call_as_the_model_writes_it():
     assert reply.tool_calls[0].name == "f" and reply.tool_calls[0].arguments == {"a": 1}
 
 
+def test_bare_content_type_after_the_channel_keeps_the_tool_call():
+    """`commentary json` without <|constrain|>, recipient in the role section: openai-harmony
+    parses this header, and the call must not be lost."""
+    for text in (
+        " to=functions.get_time<|channel|>commentary json<|message|>{}<|call|>",
+        "<|channel|>analysis<|message|>Time.<|end|><|start|>assistant to=functions.get_time"
+        "<|channel|>commentary json<|message|>{}<|call|>",
+        "<|channel|>commentary to=functions.get_time json<|message|>{}<|call|>",
+        "<|channel|>commentary to=functions.get_time<|constrain|>json<|message|>{}<|call|>",
+    ):
+        reply = parse_completion(text)
+        [call] = reply.tool_calls
+        assert call.name == "get_time" and call.ok and call.arguments == {}, text
+        assert call.content_type == "json" and reply.complete and reply.issues == [], text
+    # a second bare word is still a malformed header
+    reply = parse_completion("<|channel|>commentary json extra<|message|>{}<|end|>", strict=False)
+    assert reply.issues and "extra" in reply.issues[0]
+
+
 def test_tool_result_rendering():
     text = render_conversation(GUIDE_MESSAGES)
     assert (
@@ -242,7 +261,8 @@ FAULTS = {
     "call-no-recipient": ("<|channel|>commentary<|message|>a<|call|>", "no recipient"),
     "start-in-message": ("<|channel|>final<|message|>a<|start|>assistant", "not ended"),
     "after-stop": ("<|channel|>final<|message|>a<|return|>more", "after the stop"),
-    "header-junk": ("<|channel|>final junk<|message|>a<|return|>", "unexpected 'junk'"),
+    # one bare word after the channel is a content type (as openai-harmony reads it); two are not
+    "header-junk": ("<|channel|>final json junk<|message|>a<|return|>", "unexpected 'junk'"),
     "reserved": ("<|channel|>final<|message|>a<|reserved_200000|><|return|>", "unexpected"),
 }
 
