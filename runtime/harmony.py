@@ -207,7 +207,11 @@ def _header_word(value: str, what: str) -> str:
     return value
 
 
-def _message_segments(m: Message, *, stop: str | None = None) -> list[_Seg]:
+def _message_segments(m: Message, *, stop: str | None = None,
+                      recipient_first: bool = True) -> list[_Seg]:  # fmt: skip
+    """A message's segments. A tool call's recipient goes in the role section (as openai-harmony
+    renders past calls in a prompt), or with `recipient_first=False` after the channel (as the
+    model writes a call in a completion)."""
     if m.role not in ROLES:
         raise HarmonyError(f"unknown role {m.role!r}; use one of {', '.join(ROLES)}")
     if not isinstance(m.content, str):
@@ -224,9 +228,13 @@ def _message_segments(m: Message, *, stop: str | None = None) -> list[_Seg]:
             raise HarmonyError(
                 f"assistant message channel {m.channel!r} must be one of {', '.join(CHANNELS)}"
             )
-        segs += [(False, "assistant"), (True, CHANNEL), (False, m.channel)]
-        if m.recipient:
-            segs.append((False, f" to={_header_word(m.recipient, 'recipient')}"))
+        # a past tool call: the recipient in the role section, as openai-harmony renders it
+        # (the model may write it after the channel; the parser reads both)
+        to = f" to={_header_word(m.recipient, 'recipient')}" if m.recipient else ""
+        if recipient_first:
+            segs += [(False, f"assistant{to}"), (True, CHANNEL), (False, m.channel)]
+        else:
+            segs += [(False, "assistant"), (True, CHANNEL), (False, m.channel + to)]
     else:
         if m.channel or m.recipient:
             raise HarmonyError(f"{m.role} messages take no channel or recipient")
@@ -361,7 +369,8 @@ def _completion_segments(messages: Sequence[Message]) -> list[_Seg]:
             raise HarmonyError(f"a completion holds assistant messages only, got {m.role!r}")
         last = n == len(messages) - 1
         stop = None if not last or m.recipient else RETURN
-        segs += _message_segments(m, stop=stop)[2 if n == 0 else 0 :]  # drop <|start|>assistant
+        segs += _message_segments(m, stop=stop, recipient_first=False)[2 if n == 0 else 0 :]
+        # (the first drops <|start|>assistant: the prompt ends with it)
     return segs
 
 

@@ -48,7 +48,9 @@ GUIDE_PROMPT = (
     "} // namespace functions<|end|>"
     "<|start|>user<|message|>What is the weather like in SF?<|end|>"
     "<|start|>assistant<|channel|>analysis<|message|>Need to use function get_weather.<|end|>"
-    "<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json"
+    # the past call as openai-harmony 0.0.8 renders it: recipient in the role section (the guide's
+    # example puts it after the channel, the form the model writes; the parser reads both)
+    "<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json"
     '<|message|>{"location":"San Francisco"}<|call|>'
     "<|start|>functions.get_weather to=assistant<|channel|>commentary"
     '<|message|>{"sunny": true, "temperature": 20}<|end|><|start|>assistant'
@@ -420,3 +422,27 @@ def test_structured_noise_stream_equals_batch(tok, parts):
                            if finals or partial else None)  # fmt: skip
     history = [Message("user", "q"), *reply.messages]
     render_ids(tok, history)  # whatever the model wrote, its parsed messages render again
+
+
+# openai-harmony 0.0.8's render_conversation_for_completion of this conversation (system: medium
+# reasoning, date 2026-12-03; developer instructions and one tool; a past call and its result),
+# decoded with o200k_base: the recipient of a past call goes in the role section.
+OPENAI_HARMONY_PAST_CALL = '<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\nKnowledge cutoff: 2024-06\nCurrent date: 2026-12-03\n\nReasoning: medium\n\n# Valid channels: analysis, commentary, final. Channel must be included for every message.\nCalls to these tools must go to the commentary channel: \'functions\'.<|end|><|start|>developer<|message|># Instructions\n\nBe brief.\n\n# Tools\n\n## functions\n\nnamespace functions {\n\n// Gets the time.\ntype get_time = (_: {\ntz: string,\n}) => any;\n\n} // namespace functions<|end|><|start|>user<|message|>Time in Paris?<|end|><|start|>assistant to=functions.get_time<|channel|>commentary <|constrain|>json<|message|>{"tz": "Europe/Paris"}<|call|><|start|>functions.get_time to=assistant<|channel|>commentary<|message|>{"time": "10:00"}<|end|><|start|>assistant'
+
+
+def test_past_tool_call_renders_as_openai_harmony():
+    text = render_conversation(
+        [Message("user", "Time in Paris?"),
+         Message.tool_call("get_time", '{"tz": "Europe/Paris"}'),
+         Message.tool_result("get_time", '{"time": "10:00"}')],
+        tools=[ToolSpec("get_time", "Gets the time.", {"type": "object", "properties":
+                        {"tz": {"type": "string"}}, "required": ["tz"]})],
+        instructions="Be brief.", current_date="2026-12-03",
+    )  # fmt: skip
+    assert text == OPENAI_HARMONY_PAST_CALL
+    # and what the model writes for such a call (recipient after the channel) parses to it
+    reply = parse_completion(
+        '<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>'
+        '{"tz": "Europe/Paris"}<|call|>'
+    )
+    assert reply.tool_calls[0].arguments == {"tz": "Europe/Paris"}
