@@ -162,17 +162,20 @@ def tools_text(tools: Sequence[ToolSpec]) -> str:
 
 
 def schema_to_typescript(schema: Any, indent: str = "") -> str:
-    """A JSON schema as the TypeScript-like type gpt-oss was trained to read."""
+    """A JSON schema as the TypeScript-like type gpt-oss was trained to read, as openai-harmony
+    writes it (a property's `oneOf` is a multi-line union; `anyOf` and a lone `null` are `any`)."""
     if not isinstance(schema, dict):
         return "any"
-    for key in ("oneOf", "anyOf"):
-        if isinstance(schema.get(key), list) and schema[key]:
-            return " | ".join(schema_to_typescript(s, indent) for s in schema[key])
+    if isinstance(schema.get("oneOf"), list) and schema["oneOf"]:
+        return " | ".join(schema_to_typescript(s, indent) for s in schema["oneOf"])
+    if "anyOf" in schema:
+        return "any"
     if isinstance(schema.get("enum"), list) and schema["enum"]:
         return " | ".join(json.dumps(v) for v in schema["enum"])
     kind = schema.get("type")
     if isinstance(kind, list):
-        return " | ".join(schema_to_typescript({"type": k}, indent) for k in kind)
+        return " | ".join("null" if k == "null" else schema_to_typescript({"type": k}, indent)
+                          for k in kind)  # fmt: skip
     if kind == "object" or "properties" in schema:
         props = schema.get("properties") or {}
         if not props:
@@ -182,21 +185,40 @@ def schema_to_typescript(schema: Any, indent: str = "") -> str:
         for key, sub in props.items():
             sub = sub if isinstance(sub, dict) else {}
             lines += [f"{indent}// {line}" for line in str(sub.get("description", "")).splitlines()]
+            opt = "" if key in required else "?"
+            if isinstance(sub.get("oneOf"), list) and sub["oneOf"]:
+                lines += _one_of_lines(key + opt, sub, indent)
+                continue
             typ = schema_to_typescript(sub, indent + "    ")
             if sub.get("nullable") and "null" not in typ:
                 typ += " | null"
-            line = f"{indent}{key}{'' if key in required else '?'}: {typ},"
+            line = f"{indent}{key}{opt}: {typ},"
             if "default" in sub:
-                d = sub["default"]
-                shown = d if isinstance(d, str) and "enum" in sub else json.dumps(d)
-                line += f" // default: {shown}"
+                line += f" // default: {_default_text(sub)}"
             lines.append(line)
         return "\n".join([*lines, f"{indent}}}"])
     if kind == "array":
         item = schema_to_typescript(schema["items"], indent) if "items" in schema else "any"
-        return f"({item})[]" if " | " in item else f"{item}[]"
-    return {"string": "string", "number": "number", "integer": "number", "boolean": "boolean",
-            "null": "null"}.get(kind, "any")  # fmt: skip
+        return f"{item}[]"  # a union too: openai-harmony writes `string | number[]`
+    return {"string": "string", "number": "number", "integer": "number",
+            "boolean": "boolean"}.get(kind, "any")  # fmt: skip
+
+
+def _default_text(sub: dict[str, Any]) -> str:
+    d = sub["default"]
+    return d if isinstance(d, str) and "enum" in sub else json.dumps(d)
+
+
+def _one_of_lines(name: str, sub: dict[str, Any], indent: str) -> list[str]:
+    """A property whose schema is a `oneOf`: its default as a comment line, then one `| type`
+    line per variant (with the variant's description), then a lone comma."""
+    lines = [f"{indent}// default: {_default_text(sub)}"] if "default" in sub else []
+    lines.append(f"{indent}{name}:")
+    for variant in sub["oneOf"]:
+        typ = schema_to_typescript(variant, indent + "   ")
+        desc = variant.get("description") if isinstance(variant, dict) else None
+        lines.append(f"{indent} | {typ}" + (f" // {desc}" if desc else ""))
+    return [*lines, f"{indent},"]
 
 
 def _header_word(value: str, what: str) -> str:

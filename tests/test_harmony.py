@@ -365,6 +365,7 @@ def test_bad_messages_are_refused(msg):
 
 
 def test_schema_to_typescript():
+    """As openai-harmony 0.0.8 renders this schema (its output, held here)."""
     schema = {
         "type": "object",
         "properties": {
@@ -377,9 +378,9 @@ def test_schema_to_typescript():
         "required": ["n"],
     }
     assert schema_to_typescript(schema) == (
-        "{\n// How many\nn: number,\ntags?: (string | number)[],\n"
+        "{\n// How many\nn: number,\ntags?: string | number[],\n"
         "opt?: {\n    x: boolean,\n    },\n"
-        'maybe?: string | null, // default: "a"\nchoice?: string | number,\n}'
+        'maybe?: string | null, // default: "a"\nchoice?:\n | string\n | number\n,\n}'
     )
 
 
@@ -427,7 +428,19 @@ def test_structured_noise_stream_equals_batch(tok, parts):
 # openai-harmony 0.0.8's render_conversation_for_completion of this conversation (system: medium
 # reasoning, date 2026-12-03; developer instructions and one tool; a past call and its result),
 # decoded with o200k_base: the recipient of a past call goes in the role section.
-OPENAI_HARMONY_PAST_CALL = '<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\nKnowledge cutoff: 2024-06\nCurrent date: 2026-12-03\n\nReasoning: medium\n\n# Valid channels: analysis, commentary, final. Channel must be included for every message.\nCalls to these tools must go to the commentary channel: \'functions\'.<|end|><|start|>developer<|message|># Instructions\n\nBe brief.\n\n# Tools\n\n## functions\n\nnamespace functions {\n\n// Gets the time.\ntype get_time = (_: {\ntz: string,\n}) => any;\n\n} // namespace functions<|end|><|start|>user<|message|>Time in Paris?<|end|><|start|>assistant to=functions.get_time<|channel|>commentary <|constrain|>json<|message|>{"tz": "Europe/Paris"}<|call|><|start|>functions.get_time to=assistant<|channel|>commentary<|message|>{"time": "10:00"}<|end|><|start|>assistant'
+OPENAI_HARMONY_PAST_CALL = (
+    '<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n'
+    'Knowledge cutoff: 2024-06\nCurrent date: 2026-12-03\n\nReasoning: medium\n'
+    '\n# Valid channels: analysis, commentary, final. Channel must be included for every mes'
+    "sage.\nCalls to these tools must go to the commentary channel: 'functions'.<|end|><|sta"
+    'rt|>developer<|message|># Instructions\n\nBe brief.\n\n# Tools\n'
+    '\n## functions\n\nnamespace functions {\n\n// Gets the time.\n'
+    'type get_time = (_: {\ntz: string,\n}) => any;\n\n} // namespace functions<|end|><|star'
+    't|>user<|message|>Time in Paris?<|end|><|start|>assistant to=functions.get_time<|channe'
+    'l|>commentary <|constrain|>json<|message|>{"tz": "Europe/Paris"}<|call|><|start|>functi'
+    'ons.get_time to=assistant<|channel|>commentary<|message|>{"time": "10:00"}<|end|><|star'
+    't|>assistant'
+)
 
 
 def test_past_tool_call_renders_as_openai_harmony():
@@ -446,3 +459,25 @@ def test_past_tool_call_renders_as_openai_harmony():
         '{"tz": "Europe/Paris"}<|call|>'
     )
     assert reply.tool_calls[0].arguments == {"tz": "Europe/Paris"}
+
+
+def test_one_of_any_of_and_null_as_openai_harmony_writes_them():
+    """openai-harmony 0.0.8's rendering of this schema (its output, held here): a property's
+    oneOf is a multi-line union with the variants' descriptions, its default a comment line
+    above; anyOf and a lone null are `any`."""
+    schema = {"type": "object", "required": ["a", "c"], "properties": {
+        "a": {"oneOf": [{"type": "string", "description": "A name"},
+                        {"type": "number", "description": "A num"}]},
+        "b": {"oneOf": [{"type": "string"}, {"type": "number"}], "default": 3},
+        "c": {"type": "object", "properties": {"w": {"oneOf": [
+            {"type": "string"}, {"type": "object", "properties": {"z": {"type": "number"}}}]}}},
+        "d": {"oneOf": [{"type": "string", "enum": ["x", "y"]}, {"type": "null"}]},
+        "e": {"anyOf": [{"type": "string"}, {"type": "number"}]},
+        "f": {"type": "null"},
+        "g": {"type": ["integer", "null"], "description": "Count"}}}  # fmt: skip
+    assert schema_to_typescript(schema) == (
+        "{\na:\n | string // A name\n | number // A num\n,\n// default: 3\nb?:\n | string\n"
+        " | number\n,\nc: {\n    w?:\n     | string\n     | {\n       z?: number,\n       }\n"
+        '    ,\n    },\nd?:\n | "x" | "y"\n | any\n,\ne?: any,\nf?: any,\n// Count\n'
+        "g?: number | null,\n}"
+    )
