@@ -251,8 +251,9 @@ class Cache final : public ExpertCache {
       for (auto it = prefetch_jobs_.begin(); it != prefetch_jobs_.end();) {
         it = it->entry == &e ? prefetch_jobs_.erase(it) : it + 1;
       }
-      stats_.bytes_read -= bytes;
-      --stats_.prefetched;
+      // (counted when queued; a reset_stats() in between leaves nothing to take back)
+      stats_.bytes_read = std::max<int64_t>(0, stats_.bytes_read - bytes);
+      stats_.prefetched = std::max<int64_t>(0, stats_.prefetched - 1);
       if (--in_flight_ == 0) stats_.busy_ns += (Clock::now() - busy_since_).count();
       e.prefetched = false;
       e.chunks_left = 0;
