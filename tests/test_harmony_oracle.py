@@ -1,5 +1,6 @@
-"""ossedge's harmony prompts against OpenAI's openai-harmony 0.0.8 (the library vLLM and the
-reference implementation use): the same conversation renders to the same text."""
+"""ossedge's harmony against OpenAI's openai-harmony 0.0.8 (the library vLLM and the
+reference implementation use): the same conversation renders to the same text, and every
+completion parses to the same final text, reasoning and tool calls."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import openai_harmony as oh
 import pytest
 from harmony_oracle import harmony_encoding
 
-from ossedge.runtime.harmony import Message, ToolSpec, render_conversation
+from ossedge.runtime.harmony import Message, ToolSpec, parse_completion, render_conversation
 
 R = oh.Role
 EFFORT = {"low": oh.ReasoningEffort.LOW, "medium": oh.ReasoningEffort.MEDIUM,
@@ -87,3 +88,50 @@ def test_prompt_text_equals_openai_harmony(encoding, case) -> None:
     assert ours == theirs(encoding, c["messages"], effort=c.get("effort", "medium"),
                           date=c.get("date"), instructions=c.get("instructions"),
                           tools=c.get("tools"))  # fmt: skip
+
+
+COMPLETIONS = {
+    "final": "<|channel|>final<|message|>Hi.<|return|>",
+    "analysis-then-final": "<|channel|>analysis<|message|>think<|end|><|start|>assistant"
+                           "<|channel|>final<|message|>Hi.<|return|>",
+    "call-recipient-after": '<|channel|>commentary to=functions.f <|constrain|>json<|message|>'
+                            '{"a":1}<|call|>',
+    "call-recipient-before": ' to=functions.f<|channel|>commentary <|constrain|>json<|message|>'
+                             '{"a":1}<|call|>',
+    "call-bare-json": ' to=functions.f<|channel|>commentary json<|message|>{"a":1}<|call|>',
+    "constrain-no-space": '<|channel|>commentary to=functions.f<|constrain|>json<|message|>'
+                          '{"a":1}<|call|>',
+    "preamble-then-call": "<|channel|>commentary<|message|>Let me check.<|end|><|start|>assistant"
+                          "<|channel|>commentary to=functions.f <|constrain|>json<|message|>{}"
+                          "<|call|>",
+    "two-calls": "<|channel|>commentary to=functions.f <|constrain|>json<|message|>{}<|end|>"
+                 "<|start|>assistant<|channel|>commentary to=functions.g <|constrain|>json"
+                 '<|message|>{"b": [1, 2]}<|call|>',
+    "truncated-final": "<|channel|>analysis<|message|>think<|end|><|start|>assistant"
+                       "<|channel|>final<|message|>Hel",
+    "unicode": "<|channel|>final<|message|>Grüße 🎉 東京<|return|>",
+}  # fmt: skip
+
+
+def _summary(messages) -> tuple:
+    """(final text, reasoning, tool calls as (recipient, raw, content type)) of parsed messages."""
+    shown = [m for m in messages if m[1] is None]
+    final = "".join(c for ch, _, c, _ in shown if ch == "final") or None
+    reasoning = "\n\n".join(c for ch, _, c, _ in shown if ch == "analysis")
+    calls = [(r, c, t) for _, r, c, t in messages if r is not None]
+    return final, reasoning, calls
+
+
+@pytest.mark.parametrize("case", list(COMPLETIONS))
+def test_completion_parses_as_openai_harmony_parses_it(encoding, case) -> None:
+    text = COMPLETIONS[case]
+    parsed = encoding.parse_messages_from_completion_tokens(
+        encoding.encode(text, allowed_special="all"), R.ASSISTANT)
+    theirs = _summary([(m.channel, m.recipient, "".join(c.text for c in m.content),
+                        (m.content_type or "").removeprefix("<|constrain|>") or None)
+                       for m in parsed])  # fmt: skip
+    reply = parse_completion(text)
+    ours = (reply.final, reply.reasoning,
+            [(c.recipient, c.raw, c.content_type) for c in reply.tool_calls])  # fmt: skip
+    assert ours == theirs
+    assert reply.issues == []
