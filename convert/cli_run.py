@@ -20,6 +20,15 @@ from ossedge.convert.cli_common import (
 )
 
 
+def _open_for_run(ckpt, dtype, sampling, expert_cache, routing):
+    """(path, sampler, model, tokenizer) for generate and chat: CKPT or the bundled model, the
+    sampler checked before the (slow) load."""
+    ckpt = _model_path(ckpt)
+    sampler = _sampler(*sampling)
+    model, tok = _load(ckpt, dtype, expert_cache=expert_cache, routing=routing)
+    return ckpt, sampler, model, tok
+
+
 @click.command()
 @click.argument("ckpt", type=click.Path(path_type=Path), required=False)
 @click.option("--prompt", required=True, help="Text to continue.")
@@ -34,10 +43,8 @@ def generate(ckpt, prompt, max_new_tokens, temperature, top_p, top_k, seed, dtyp
     bundled tiny trained model."""
     from ossedge.runtime.generate import generate as run, stop_ids_for
 
-    ckpt = _model_path(ckpt)
-    sampler = _sampler(temperature, top_k, top_p, seed)
-    model, tok = _load(ckpt, dtype, expert_cache=expert_cache,
-                       routing=(cache_aware_routing, routing_pool))
+    ckpt, sampler, model, tok = _open_for_run(ckpt, dtype, (temperature, top_k, top_p, seed),
+                                              expert_cache, (cache_aware_routing, routing_pool))
     prompt_ids = tok.encode(prompt)
     if not prompt_ids:
         raise click.BadParameter("the prompt is empty", param_hint="--prompt")
@@ -82,10 +89,8 @@ def chat(
     from ossedge.runtime.generate import chat_turn
     from ossedge.runtime.harmony import Message
 
-    ckpt = _model_path(ckpt)
-    sampler = _sampler(temperature, top_k, top_p, seed)
-    model, tok = _load(ckpt, dtype, expert_cache=expert_cache,
-                       routing=(cache_aware_routing, routing_pool))
+    ckpt, sampler, model, tok = _open_for_run(ckpt, dtype, (temperature, top_k, top_p, seed),
+                                              expert_cache, (cache_aware_routing, routing_pool))
     interactive = sys.stdin.isatty()
     messages: list[Message] = []
     if instructions:

@@ -56,7 +56,6 @@ PRETRAINED_KEYS = frozenset(
         "finetuning_task", "id2label", "label2id", "num_labels", "tokenizer_class", "prefix",
         "sep_token_id", "decoder_start_token_id", "task_specific_params", "problem_type",
         "_attn_implementation", "_attn_implementation_autoset", "_commit_hash",
-        "_name_or_path", "output_router_logits",
     }
 )  # fmt: skip
 # Generic attributes accepted only at the value that leaves a decoder-only model unchanged.

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ossedge.runtime.errors import ArtifactError, BudgetError, OssedgeError
 
 MARGIN = 256 << 20  # left free under the limit: allocator slack, the tokenizer, page tables
@@ -190,8 +192,6 @@ def set_routing(lib: ctypes.CDLL, keep: int, pool: int) -> None:
 
 def route(lib: ctypes.CDLL, logits, k: int, keep: int, pool: int, resident) -> tuple[list, list, int]:
     """The kernel's cache-aware routing rule for one token: (ids, weights, changed)."""
-    import numpy as np
-
     x = np.ascontiguousarray(logits, dtype=np.float32)
     r = np.ascontiguousarray(resident, dtype=np.uint8)
     ids = np.zeros(k, dtype=np.int64)

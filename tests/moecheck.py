@@ -18,7 +18,8 @@ from ossedge.targets.executorch import ops
 from ossedge.targets.executorch.pack import Layout, pack_layer
 
 KERNELS = Path(ops.__file__).parent / "kernels"
-SOURCES = [KERNELS / n for n in ("moe_core.cpp", "expert_cache.cpp", "moe_check.cpp")]
+SOURCES = [KERNELS / n for n in ("moe_core.cpp", "expert_cache.cpp", "expert_cache_global.cpp",
+                                  "expert_file.cpp", "moe_check.cpp")]
 LIMIT, ALPHA = 7.0, 1.702
 E, H, I = 4, 64, 96
 FLAGS = ["-O2", "-std=c++17", "-Wall", "-Wno-maybe-uninitialized", "-pthread"]

@@ -18,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "expert_file.h"
 #include "expert_pack.h"
 
 namespace ossedge {
@@ -48,8 +49,6 @@ struct Job {
 };
 
 class Cache;
-void advise_random_range(const void* p, int64_t bytes);
-void advise_random(const std::string& path);
 
 class LayerSource final : public ExpertSource {
  public:
@@ -577,68 +576,6 @@ void LayerSource::count_rerouted(int64_t n) { cache_->count_rerouted(n); }
 
 void LayerSource::prefetch(const int64_t* ids, int64_t n) { cache_->prefetch(layer_, ids, n); }
 
-void advise_random_range(const void* p, int64_t bytes) {
-#ifdef MADV_RANDOM
-  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  const auto start = reinterpret_cast<uintptr_t>(p) & ~(page - 1);
-  const auto end = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes);
-  madvise(reinterpret_cast<void*>(start), end - start, MADV_RANDOM);  // a hint
-#else
-  (void)p, (void)bytes;
-#endif
-}
-
-// Every mapping of `path` in this process advised MADV_RANDOM (Linux, Android): with the cache
-// on, the program's mapped model.ptd serves only embedding rows and small tensors, page by page,
-// and a fault must not read ahead megabytes of experts the cache reads itself.
-void advise_random(const std::string& path) {
-#if defined(__linux__) && defined(MADV_RANDOM)
-  char real[4096];
-  if (realpath(path.c_str(), real) == nullptr) return;
-  FILE* maps = std::fopen("/proc/self/maps", "r");
-  if (maps == nullptr) return;
-  char line[4608];
-  while (std::fgets(line, sizeof line, maps) != nullptr) {
-    unsigned long start = 0, end = 0;
-    int name_at = 0;
-    if (std::sscanf(line, "%lx-%lx %*s %*s %*s %*s %n", &start, &end, &name_at) < 2) continue;
-    std::string name(line + name_at);
-    while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
-    if (name == real) madvise(reinterpret_cast<void*>(start), end - start, MADV_RANDOM);
-  }
-  std::fclose(maps);
-#else
-  (void)path;
-#endif
-}
-
-int open_for_reads(const std::string& path, bool want_direct, bool* direct) {
-  *direct = false;
-#ifdef O_DIRECT
-  if (want_direct) {
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
-    if (fd >= 0) {
-      // Some file systems accept the flag at open and refuse the reads: try one.
-      void* probe = nullptr;
-      if (posix_memalign(&probe, pack::kExtentAlign, pack::kExtentAlign) == 0) {
-        const ssize_t n = pread(fd, probe, pack::kExtentAlign, 0);
-        std::free(probe);
-        if (n >= 0) {
-          *direct = true;
-          return fd;
-        }
-      }
-      close(fd);
-    }
-  }
-#endif
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-#ifdef F_NOCACHE
-  if (fd >= 0 && want_direct && fcntl(fd, F_NOCACHE, 1) == 0) *direct = true;
-#endif
-  return fd;
-}
-
 }  // namespace
 
 int64_t cache_slots(int64_t budget_bytes, int64_t stride) {
@@ -659,63 +596,3 @@ std::unique_ptr<ExpertCache> ExpertCache::open(const CacheOptions& options, std:
 
 }  // namespace ossedge
 
-namespace ossedge {
-namespace {
-
-std::mutex g_mu;
-std::shared_ptr<ExpertCache> g_cache;
-
-}  // namespace
-
-bool open_global_cache(const CacheOptions& options, std::string* error) {
-  std::shared_ptr<ExpertCache> cache = ExpertCache::open(options, error);
-  if (!cache) return false;
-  std::lock_guard<std::mutex> lock(g_mu);
-  g_cache = std::move(cache);
-  return true;
-}
-
-void close_global_cache() {
-  std::lock_guard<std::mutex> lock(g_mu);
-  g_cache.reset();
-}
-
-ExpertSource* global_layer_source(const uint8_t* mapped, int64_t experts, int64_t stride,
-                                  WeightFormat format, int64_t hidden, int64_t intermediate,
-                                  std::string* error) {
-  std::shared_ptr<ExpertCache> cache;
-  {
-    std::lock_guard<std::mutex> lock(g_mu);
-    cache = g_cache;
-  }
-  error->clear();
-  if (!cache) return nullptr;
-  return cache->layer_source(mapped, experts, stride, format, hidden, intermediate, error);
-}
-
-bool global_cache_stats(CacheStats* stats) {
-  std::lock_guard<std::mutex> lock(g_mu);
-  if (!g_cache) return false;
-  *stats = g_cache->stats();
-  return true;
-}
-
-void global_cache_routing(int64_t* keep, int64_t* pool) {
-  std::lock_guard<std::mutex> lock(g_mu);
-  *keep = *pool = 0;
-  if (g_cache) g_cache->routing(keep, pool);
-}
-
-bool set_global_cache_routing(int64_t keep, int64_t pool) {
-  std::lock_guard<std::mutex> lock(g_mu);
-  if (!g_cache) return false;
-  g_cache->set_routing(keep, pool);
-  return true;
-}
-
-void reset_global_cache_stats() {
-  std::lock_guard<std::mutex> lock(g_mu);
-  if (g_cache) g_cache->reset_stats();
-}
-
-}  // namespace ossedge
