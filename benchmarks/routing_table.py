@@ -16,16 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def _ossedge(*args: str) -> str:
-    cmd = [sys.executable, "-m", "ossedge", *args]
-    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+from ossedge.benchmarks.recipe_table import _ossedge
 
 
 def main() -> None:
