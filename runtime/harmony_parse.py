@@ -8,6 +8,7 @@ outside messages, without a channel, or cut off in a header never does."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -31,6 +32,10 @@ from ossedge.runtime.harmony import (
 from ossedge.runtime.tokenizer import Tokenizer
 
 _STOPS = {RETURN: "return", CALL: "call", ENDOFTEXT: "endoftext"}
+_ASCII_SPACE = re.compile(r"[\t\n\x0c\r ]+")  # where openai-harmony splits a header into words
+_CHANNEL_WORD = re.compile(r"\s*([^\s<]*)")
+_CONSTRAIN_SPACE = re.compile(re.escape(CONSTRAIN) + r"\s*")
+_SPECIAL_PREFIX = re.compile(r"<(?:\|[a-z_0-9]*\|?)?")  # text that may yet become <|name|>
 
 
 @dataclass(frozen=True)
@@ -60,53 +65,71 @@ class _Header:
 
 
 def _parse_header(raw: str, role: str | None) -> tuple[_Header, list[str]]:
-    words = raw.replace(CHANNEL, f" {CHANNEL} ").replace(CONSTRAIN, f" {CONSTRAIN} ").split()
-    found: dict[str, str | None] = {"channel": None, "recipient": None, "content_type": None}
-    problems = []
-    i = 0
-    while i < len(words):
-        w = words[i]
-        if w in (CHANNEL, CONSTRAIN):
-            key = "channel" if w == CHANNEL else "content_type"
-            value = words[i + 1] if i + 1 < len(words) else None
-            if value is None or value in (CHANNEL, CONSTRAIN) or value.startswith("to="):
-                problems.append(f"{w} without a value")
-                i += 1
-                continue
-            if found[key] is not None:
-                problems.append(f"two {key} values")
-            found[key] = found[key] or value
-            i += 2
-            continue
-        if w.startswith("to=") and len(w) > 3 and found["recipient"] is None:
-            found["recipient"] = w[3:]
-        elif role is None:
-            role = w
-        elif found["channel"] is not None and found["content_type"] is None and not problems:
-            # a bare content type after the channel (`commentary json`), as openai-harmony reads it
-            found["content_type"] = w
-        else:
-            problems.append(f"unexpected {w!r}")
-        i += 1
-    h = _Header(role, found["channel"], found["recipient"], found["content_type"])
-    for key in ("recipient", "content_type"):
-        value = found[key]
+    """A header read as openai-harmony reads it: the channel is the word after <|channel|>; of
+    the other words (the role first, after <|start|>), the last is the recipient when it is
+    `to=...` or alone, else the content type, with the recipient (`to=` optional) before it.
+    Unlike openai-harmony 0.0.8, a lone `<|constrain|>json` is a content type, not a recipient
+    (a structured final answer stays the answer), and `<|constrain|> json` is `json`."""
+    channel, rest = _take_channel(raw)
+    rest = _CONSTRAIN_SPACE.sub(f" {CONSTRAIN}", rest)
+    words = [w for w in _ASCII_SPACE.split(rest.strip()) if w]
+    if role is None:
+        role = words.pop(0) if words else None
+    elif words and words[0] == role:
+        words.pop(0)  # the role written again after the prompt's <|start|>assistant
+    recipient, ctype, left = _recipient_and_type(words)
+    content_type = (ctype.removeprefix(CONSTRAIN) or None) if ctype is not None else None
+    head = _Header(role, channel or None, recipient, content_type)
+    return head, _header_problems(head, channel, left)
+
+
+def _header_problems(head: _Header, channel: str | None, left: list[str]) -> list[str]:
+    problems = [f"unexpected {' '.join(left)!r}"] if left else []
+    for what, value in (("recipient", head.recipient), ("content type", head.content_type)):
         if value is not None and not _HEADER_WORD.fullmatch(value):
-            problems.append(f"invalid {key} {value!r}")
-    if role != "assistant":
-        problems.append(f"role {role!r}: a completion holds assistant messages only")
-    elif h.channel is None:
+            problems.append(f"invalid {what} {value!r}")
+    if head.role != "assistant":
+        problems.append(f"role {head.role!r}: a completion holds assistant messages only")
+    elif channel == "":
+        problems.append(f"{CHANNEL} without a value")
+    elif channel is None:
         problems.append("no channel (harmony requires one on every message)")
-    elif h.channel not in CHANNELS:
-        problems.append(f"unknown channel {h.channel!r} (expected {', '.join(CHANNELS)})")
-    return h, problems
+    elif channel not in CHANNELS:
+        problems.append(f"unknown channel {channel!r} (expected {', '.join(CHANNELS)})")
+    return problems
+
+
+def _take_channel(raw: str) -> tuple[str | None, str]:
+    """The word after the first <|channel|> (empty if there is none), and the header without
+    both. Unlike openai-harmony, which then finds no value, a space before the word is allowed."""
+    at = raw.find(CHANNEL)
+    if at < 0:
+        return None, raw
+    after = raw[at + len(CHANNEL) :]
+    m = _CHANNEL_WORD.match(after)
+    return m.group(1), raw[:at] + after[m.end() :]
+
+
+def _recipient_and_type(words: list[str]) -> tuple[str | None, str | None, list[str]]:
+    """(recipient, content type, words left over) from a header's words after role and channel."""
+    if not words:
+        return None, None, []
+    *rest, last = words
+    if last.startswith("to="):
+        return last[3:], None, rest
+    if not rest:
+        return (None, last, []) if last.startswith(CONSTRAIN) else (last, None, [])
+    *rest, before = rest
+    return before.removeprefix("to="), last, rest
 
 
 def _tool_call(m: Message, *, truncated: bool) -> ToolCall:
     args, error = None, None
     if truncated:
         error = "truncated before <|call|>"
-    elif m.content_type == "json" or (m.recipient or "").startswith("functions."):
+    elif m.content_type == "json" or (
+        m.content_type is None and (m.recipient or "").startswith("functions.")
+    ):  # a call declared as another type (`<|constrain|>sql`) takes its text as it is
         try:
             args = json.loads(m.content)
         except json.JSONDecodeError as e:
@@ -128,6 +151,8 @@ class StreamParser:
         self._head: _Header | None = None
         self._head_ok = False  # malformed messages are reported, never returned
         self._content: list[str] = []
+        self._stray: list[str] = []  # text outside messages, reported once it ends
+        self._held = ""  # feed_text: the end of a chunk that may be the start of <|name|>
         self.messages: list[Message] = []
         self.tool_calls: list[ToolCall] = []
         self.issues: list[str] = []
@@ -148,6 +173,7 @@ class StreamParser:
         return self._flush() + self._special(name)
 
     def feed_text(self, text: str) -> list[Delta]:
+        text, self._held = _hold_back(self._held + text)
         out: list[Delta] = []
         for n, piece in enumerate(_TEXT_SPECIAL.split(text)):
             if n % 2:
@@ -157,8 +183,12 @@ class StreamParser:
         return out
 
     def finish(self) -> list[Delta]:
-        """End of input: returns the last deltas (a dangling partial character)."""
-        return self._flush()
+        """End of input: returns the last deltas (text held back as a possible special token, a
+        dangling partial character)."""
+        held, self._held = self._held, ""
+        out = (self._text(held) if held else []) + self._flush()
+        self._report_stray()
+        return out
 
     def result(self) -> ParsedReply:
         self.finish()
@@ -208,13 +238,18 @@ class StreamParser:
             self._content.append(text)
             h = self._head
             return [Delta(text, h.channel, h.recipient, h.role if self._head_ok else None)]
-        elif self._state == "between":
-            self._fault(f"text outside a message: {text[:40]!r}")
         else:
-            self._fault(f"text after the stop token: {text[:40]!r}")
+            self._stray.append(text)
         return []
 
+    def _report_stray(self) -> None:
+        if self._stray:
+            text, self._stray = "".join(self._stray), []
+            where = "outside a message" if self._state == "between" else "after the stop token"
+            self._fault(f"text {where}: {text[:40]!r}")
+
     def _special(self, name: str) -> list[Delta]:
+        self._report_stray()
         state = self._state
         if state == "done":
             self._fault(f"{name} after the stop token")
@@ -282,6 +317,14 @@ class StreamParser:
             self.messages.append(m)
             if m.recipient:
                 self.tool_calls.append(_tool_call(m, truncated=False))
+
+
+def _hold_back(text: str) -> tuple[str, str]:
+    """`text` split before a trailing piece that the next chunk may complete into <|name|>."""
+    at = text.rfind("<")
+    if at >= 0 and _SPECIAL_PREFIX.fullmatch(text, at):
+        return text[:at], text[at:]
+    return text, ""
 
 
 def parse_completion(

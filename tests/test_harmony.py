@@ -1,7 +1,6 @@
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from ossedge.runtime.errors import HarmonyError
 from ossedge.runtime.harmony import (
     Message,
@@ -167,9 +166,42 @@ def test_bare_content_type_after_the_channel_keeps_the_tool_call():
         [call] = reply.tool_calls
         assert call.name == "get_time" and call.ok and call.arguments == {}, text
         assert call.content_type == "json" and reply.complete and reply.issues == [], text
-    # a second bare word is still a malformed header
-    reply = parse_completion("<|channel|>commentary json extra<|message|>{}<|end|>", strict=False)
-    assert reply.issues and "extra" in reply.issues[0]
+    # a third word is a malformed header
+    reply = parse_completion("<|channel|>commentary a json extra<|message|>{}<|end|>", strict=False)
+    assert reply.issues and "unexpected 'a'" in reply.issues[0]
+
+
+HEADERS = {  # header → (channel, recipient, content type), as openai-harmony reads them
+    "channel": ("<|channel|>final", ("final", None, None)),
+    "lone-word-is-recipient": ("<|channel|>commentary functions.f", ("commentary", "functions.f",
+                                                                      None)),
+    "two-words": ("<|channel|>commentary functions.f json", ("commentary", "functions.f", "json")),
+    "code-call": ("<|channel|>analysis to=python code", ("analysis", "python", "code")),
+    "role-again": ("assistant<|channel|>final", ("final", None, None)),
+    "tabs-newlines": ("<|channel|>commentary\tto=functions.f\n<|constrain|>json \n",
+                      ("commentary", "functions.f", "json")),
+    "empty-constrain": ("<|channel|>commentary to=functions.f <|constrain|>",
+                        ("commentary", "functions.f", None)),
+    # where ossedge reads what openai-harmony 0.0.8 misreads or refuses
+    "lone-constrain-is-type": ("<|channel|>final <|constrain|>json", ("final", None, "json")),
+    "space-after-constrain": ("<|channel|>final <|constrain|> json", ("final", None, "json")),
+    "space-after-channel": ("<|channel|> final", ("final", None, None)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("header,read", HEADERS.values(), ids=HEADERS.keys())
+def test_header_words(header, read):
+    reply = parse_completion(header + "<|message|>x<|end|>")
+    assert reply.issues == []
+    assert reply.messages == [Message("assistant", "x", *read)]
+
+
+def test_call_with_another_content_type_keeps_its_text():
+    reply = parse_completion("<|channel|>commentary to=functions.query <|constrain|>sql<|message|>"
+                             "SELECT 1<|call|>")  # fmt: skip
+    [call] = reply.tool_calls
+    assert call.ok and call.raw == "SELECT 1" and call.arguments is None
+    assert call.content_type == "sql"
 
 
 def test_tool_result_rendering():
@@ -263,8 +295,8 @@ FAULTS = {
     "call-no-recipient": ("<|channel|>commentary<|message|>a<|call|>", "no recipient"),
     "start-in-message": ("<|channel|>final<|message|>a<|start|>assistant", "not ended"),
     "after-stop": ("<|channel|>final<|message|>a<|return|>more", "after the stop"),
-    # one bare word after the channel is a content type (as openai-harmony reads it); two are not
-    "header-junk": ("<|channel|>final json junk<|message|>a<|return|>", "unexpected 'junk'"),
+    # recipient and content type may be bare words (as openai-harmony reads them); a third is not
+    "header-junk": ("<|channel|>final to json junk<|message|>a<|return|>", "unexpected 'to'"),
     "reserved": ("<|channel|>final<|message|>a<|reserved_200000|><|return|>", "unexpected"),
 }
 
@@ -319,6 +351,34 @@ def test_streaming_equals_batch(tok, msgs, cut):
     thought = "".join(d.text for d in deltas if d.is_reasoning)
     written = [*batch.messages, *([batch.partial] if batch.partial else [])]
     assert thought == "".join(m.content for m in written if m.channel == "analysis")
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 7])
+def test_text_cut_inside_special_tokens_parses_as_the_whole(width):
+    text = ("<|channel|>analysis<|message|>SECRET<|end|><|start|>assistant<|channel|>final"
+            "<|message|>a <b> < c<|return|>")  # fmt: skip
+    parser = StreamParser()
+    deltas = [d for at in range(0, len(text), width) for d in parser.feed_text(text[at:at + width])]
+    deltas += parser.finish()
+    assert parser.result() == parse_completion(text)
+    assert "".join(d.text for d in deltas if d.is_final) == "a <b> < c"
+    # a trailing piece that never became a special token is text
+    parser = StreamParser()
+    assert [d.text for d in parser.feed_text("<|channel|>final<|message|>x <|")] == ["x "]
+    assert [d.text for d in parser.finish()] == ["<|"] and parser.result().final == "x <|"
+
+
+def test_stray_text_is_one_issue_however_it_arrives(tok):
+    text = "<|channel|>final<|message|>ok<|end|>stray words<|start|>assistant<|channel|>final"
+    whole = parse_completion(text, strict=False)
+    assert whole.issues == ["text outside a message: 'stray words'"]
+    by_char = StreamParser(strict=False)
+    for ch in text:
+        by_char.feed_text(ch)
+    by_token = StreamParser(tok, strict=False)
+    for i in tok.encode_with_special(text):
+        by_token.feed(i)
+    assert by_char.result() == by_token.result() == whole
 
 
 def test_streaming_emoji_arrives_whole(tok):
