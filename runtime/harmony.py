@@ -5,9 +5,11 @@ reaches the final answer and tool calls are either well formed or reported broke
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from ossedge.runtime.errors import HarmonyError
@@ -108,36 +110,38 @@ class ParsedReply:
 def system_text(
     *,
     reasoning_effort: str = "medium",
-    model_identity: str = DEFAULT_IDENTITY,
+    model_identity: str | None = DEFAULT_IDENTITY,
     knowledge_cutoff: str | None = DEFAULT_KNOWLEDGE_CUTOFF,
     current_date: str | None = None,
     has_tools: bool = False,
 ) -> str:
+    """The system message. None leaves a line out; any string, even empty, is written (as
+    openai-harmony writes it)."""
     if reasoning_effort not in REASONING_EFFORTS:
         raise HarmonyError(
             f"reasoning_effort {reasoning_effort!r} is not one of {', '.join(REASONING_EFFORTS)}"
         )
-    top = [model_identity]
-    if knowledge_cutoff:
+    top = [model_identity] if model_identity is not None else []
+    if knowledge_cutoff is not None:
         top.append(f"Knowledge cutoff: {knowledge_cutoff}")
-    if current_date:
+    if current_date is not None:
         top.append(f"Current date: {current_date}")
     channels = (
-        "# Valid channels: analysis, commentary, final. "
-        "Channel must be included for every message."
+        "# Valid channels: analysis, commentary, final. Channel must be included for every message."
     )
     if has_tools:
         channels += "\nCalls to these tools must go to the commentary channel: 'functions'."
-    return "\n\n".join(["\n".join(top), f"Reasoning: {reasoning_effort}", channels])
+    sections = ["\n".join(top)] if top else []
+    return "\n\n".join([*sections, f"Reasoning: {reasoning_effort}", channels])
 
 
 def developer_text(*, instructions: str | None, tools: Sequence[ToolSpec] | None) -> str | None:
     sections = []
-    if instructions:
+    if instructions is not None:
         sections += ["# Instructions", instructions]
     if tools:
         sections.append(tools_text(tools))
-    return "\n\n".join(sections) or None
+    return "\n\n".join(sections) if sections else None
 
 
 def tools_text(tools: Sequence[ToolSpec]) -> str:
@@ -151,74 +155,143 @@ def tools_text(tools: Sequence[ToolSpec]) -> str:
                 "and underscores"
             )
         seen.add(t.name)
-        lines += [f"// {line}" for line in t.description.splitlines()]
-        params = t.parameters or {}
-        if params.get("properties"):
-            lines.append(f"type {t.name} = (_: {schema_to_typescript(params)}) => any;\n")
-        else:
+        lines += [f"// {line}" for line in _lines(t.description)]
+        if t.parameters is None:
             lines.append(f"type {t.name} = () => any;\n")
+        else:
+            lines.append(f"type {t.name} = (_: {schema_to_typescript(t.parameters)}) => any;\n")
     lines.append("} // namespace functions")
     return "# Tools\n\n" + "\n".join(lines)
 
 
+def _lines(text: str) -> list[str]:
+    """Lines as openai-harmony splits a tool description: at \\n (a \\r before it dropped), no
+    empty last line."""
+    parts = text.split("\n")
+    if parts[-1] == "":
+        parts.pop()
+    return [p.removesuffix("\r") for p in parts]
+
+
 def schema_to_typescript(schema: Any, indent: str = "") -> str:
-    """A JSON schema as the TypeScript-like type gpt-oss was trained to read, as openai-harmony
-    writes it (a property's `oneOf` is a multi-line union; `anyOf` and a lone `null` are `any`)."""
-    if not isinstance(schema, dict):
-        return "any"
-    if isinstance(schema.get("oneOf"), list) and schema["oneOf"]:
-        return " | ".join(schema_to_typescript(s, indent) for s in schema["oneOf"])
-    if "anyOf" in schema:
-        return "any"
-    if isinstance(schema.get("enum"), list) and schema["enum"]:
-        return " | ".join(json.dumps(v) for v in schema["enum"])
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        return " | ".join("null" if k == "null" else schema_to_typescript({"type": k}, indent)
-                          for k in kind)  # fmt: skip
-    if kind == "object" or "properties" in schema:
-        props = schema.get("properties") or {}
-        if not props:
-            return "object"
-        required = set(schema.get("required") or [])
-        lines = ["{"]
-        for key, sub in props.items():
-            sub = sub if isinstance(sub, dict) else {}
-            lines += [f"{indent}// {line}" for line in str(sub.get("description", "")).splitlines()]
-            opt = "" if key in required else "?"
-            if isinstance(sub.get("oneOf"), list) and sub["oneOf"]:
-                lines += _one_of_lines(key + opt, sub, indent)
-                continue
-            typ = schema_to_typescript(sub, indent + "    ")
-            if sub.get("nullable") and "null" not in typ:
-                typ += " | null"
-            line = f"{indent}{key}{opt}: {typ},"
-            if "default" in sub:
-                line += f" // default: {_default_text(sub)}"
-            lines.append(line)
-        return "\n".join([*lines, f"{indent}}}"])
+    """A JSON schema as the TypeScript-like type gpt-oss reads, written as openai-harmony 0.0.8
+    writes it: `oneOf` as a multi-line union, enums of strings only, integers as `number`, a
+    listed `type` joined as is, anything else (anyOf, const, $ref, no type) as `any`."""
+    s = schema if isinstance(schema, dict) else {}
+    if isinstance(s.get("oneOf"), list):
+        return "".join(f"\n{indent} | {_variant(v, indent, top=True)}" for v in s["oneOf"])
+    kind = s.get("type")
+    if isinstance(kind, list) and any(isinstance(k, str) for k in kind):
+        return " | ".join("number" if k == "integer" else k for k in kind if isinstance(k, str))
+    if kind == "object":
+        return _object_type(s, indent)
+    if kind == "string":
+        enum = s.get("enum") if isinstance(s.get("enum"), list) else []
+        return " | ".join(f'"{v}"' for v in enum if isinstance(v, str)) or "string"
     if kind == "array":
-        item = schema_to_typescript(schema["items"], indent) if "items" in schema else "any"
-        return f"{item}[]"  # a union too: openai-harmony writes `string | number[]`
-    return {"string": "string", "number": "number", "integer": "number",
-            "boolean": "boolean"}.get(kind, "any")  # fmt: skip
+        return f"{schema_to_typescript(s['items'], indent)}[]" if "items" in s else "Array<any>"
+    return {"number": "number", "integer": "number", "boolean": "boolean"}.get(_str(kind), "any")
 
 
-def _default_text(sub: dict[str, Any]) -> str:
-    d = sub["default"]
-    return d if isinstance(d, str) and "enum" in sub else json.dumps(d)
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
-def _one_of_lines(name: str, sub: dict[str, Any], indent: str) -> list[str]:
-    """A property whose schema is a `oneOf`: its default as a comment line, then one `| type`
-    line per variant (with the variant's description), then a lone comma."""
-    lines = [f"{indent}// default: {_default_text(sub)}"] if "default" in sub else []
-    lines.append(f"{indent}{name}:")
-    for variant in sub["oneOf"]:
-        typ = schema_to_typescript(variant, indent + "   ")
-        desc = variant.get("description") if isinstance(variant, dict) else None
-        lines.append(f"{indent} | {typ}" + (f" // {desc}" if desc else ""))
-    return [*lines, f"{indent},"]
+def _comment(text: str, indent: str) -> str:
+    # Every line of a multi-line text is a comment line; openai-harmony comments only the first,
+    # leaving the others as bare lines inside the type (read as declarations).
+    return f"{indent}// " + text.replace("\n", f"\n{indent}// ") + "\n"
+
+
+def _default_text(s: dict[str, Any], *, raw_enum: bool = True) -> str:
+    """A default as openai-harmony writes it: a string quoted without escapes (bare when the
+    schema has an enum, except in a top-level oneOf variant), anything else as compact JSON."""
+    d = s["default"]
+    if not isinstance(d, str):
+        return _json(d)
+    if isinstance(s.get("enum"), list) and s["enum"]:
+        return d if raw_enum else _json(d)
+    return f'"{d}"'
+
+
+def _json(value: Any) -> str:
+    """Compact JSON as serde_json writes it (key order kept, floats as `1e20`, `0.00001`)."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{_json(str(k))}:{_json(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_json(v) for v in value) + "]"
+    if isinstance(value, float) and math.isfinite(value):
+        mantissa, e, exp = repr(value).partition("e")
+        if not e:
+            return mantissa
+        if int(exp) == -5:  # Python writes 1e-05 where serde_json (ryu) still writes decimals
+            return format(Decimal(repr(value)), "f")
+        return f"{mantissa}e{int(exp)}"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _nullable(typ: str, s: Any) -> str:
+    nullable = isinstance(s, dict) and s.get("nullable") is True
+    return f"{typ} | null" if nullable and "null" not in typ else typ
+
+
+def _variant(
+    v: Any, indent: str, *, skip: str | None = None, first_above: bool = False, top: bool = False
+) -> str:
+    """One `oneOf` variant: its type, then its description (unless it repeats the property's,
+    `skip`, or the property's own description went above it) and default as a trailing comment."""
+    notes = []
+    desc = _str(v.get("description")) if isinstance(v, dict) else None
+    if desc is not None and not first_above and desc != skip:
+        notes.append(desc.replace("\n", f"\n{indent}// "))
+    if isinstance(v, dict) and "default" in v:
+        notes.append(f"default: {_default_text(v, raw_enum=not top)}")
+    typ = _nullable(schema_to_typescript(v, indent + "   "), v)
+    return typ + (" // " + " ".join(notes) if notes else "")
+
+
+def _object_type(s: dict[str, Any], indent: str) -> str:
+    desc = _str(s.get("description"))
+    out = [_comment(desc, indent) if desc is not None else "", "{\n"]
+    props = s.get("properties")
+    if isinstance(props, dict):
+        req = s.get("required") if isinstance(s.get("required"), list) else []
+        out += [_property(k, v, k in req, indent) for k, v in props.items()]
+    return "".join([*out, f"{indent}}}"])
+
+
+def _property(key: str, v: Any, required: bool, indent: str) -> str:
+    p = v if isinstance(v, dict) else {}
+    name = key if required else f"{key}?"
+    out = ""
+    if _str(p.get("title")) is not None:
+        out += _comment(p["title"], indent) + f"{indent}//\n"
+    if "oneOf" not in p and _str(p.get("description")) is not None:
+        out += _comment(p["description"], indent)
+    if isinstance(p.get("examples"), list) and p["examples"]:
+        out += f"{indent}// Examples:\n"
+        out += "".join(f'{indent}// - "{e}"\n' for e in p["examples"] if isinstance(e, str))
+    if isinstance(p.get("oneOf"), list):
+        return out + _one_of_property(name, p, indent)
+    line = f"{indent}{name}: {_nullable(schema_to_typescript(v, indent + '    '), v)},"
+    if "oneOf" not in p and "default" in p:
+        line += f" // default: {_default_text(p)}"
+    return out + line + "\n"
+
+
+def _one_of_property(name: str, p: dict[str, Any], indent: str) -> str:
+    """A property whose schema is a `oneOf`: its description (unless the first variant repeats
+    it) and default as comment lines, then one `| type` line per variant, then a lone comma."""
+    variants, desc = p["oneOf"], _str(p.get("description"))
+    first = variants[0] if variants and isinstance(variants[0], dict) else {}
+    above = desc is not None and desc != first.get("description")
+    out = _comment(desc, indent) if above else ""
+    if "default" in p:
+        out += f"{indent}// default: {_default_text(p)}\n"
+    out += f"{indent}{name}:\n"
+    for n, v in enumerate(variants):
+        out += f"{indent} | {_variant(v, indent, skip=desc, first_above=above and n == 0)}\n"
+    return out + f"{indent},\n"
 
 
 def _header_word(value: str, what: str) -> str:
@@ -275,7 +348,7 @@ def _conversation_segments(
     reasoning_effort: str,
     tools: Sequence[ToolSpec] | None,
     instructions: str | None,
-    model_identity: str,
+    model_identity: str | None,
     knowledge_cutoff: str | None,
     current_date: str | None,
     drop_past_analysis: bool,
@@ -314,7 +387,7 @@ def _conversation_segments(
     )
     segs = _message_segments(Message("system", system))
     developer = developer_text(instructions=instructions, tools=tools)
-    if developer:
+    if developer is not None:
         segs += _message_segments(Message("developer", developer))
     for m in body:
         segs += _message_segments(m)
@@ -327,7 +400,7 @@ def render_conversation(
     reasoning_effort: str = "medium",
     tools: Sequence[ToolSpec] | None = None,
     instructions: str | None = None,
-    model_identity: str = DEFAULT_IDENTITY,
+    model_identity: str | None = DEFAULT_IDENTITY,
     knowledge_cutoff: str | None = DEFAULT_KNOWLEDGE_CUTOFF,
     current_date: str | None = None,
     drop_past_analysis: bool = True,
@@ -354,7 +427,7 @@ def render_ids(
     reasoning_effort: str = "medium",
     tools: Sequence[ToolSpec] | None = None,
     instructions: str | None = None,
-    model_identity: str = DEFAULT_IDENTITY,
+    model_identity: str | None = DEFAULT_IDENTITY,
     knowledge_cutoff: str | None = DEFAULT_KNOWLEDGE_CUTOFF,
     current_date: str | None = None,
     drop_past_analysis: bool = True,
