@@ -123,6 +123,9 @@ def chat(
                 f"{reply.stop_reason}{hint}]",
                 err=True,
             )
+        if reply.issues:  # malformed messages were dropped unseen: say so
+            more = f" (and {len(reply.issues) - 1} more)" if len(reply.issues) > 1 else ""
+            click.echo(f"[malformed reply: {reply.issues[0]}{more}]", err=True)
         messages.extend(reply.messages)
 
 

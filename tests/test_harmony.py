@@ -541,3 +541,18 @@ def test_one_of_any_of_and_null_as_openai_harmony_writes_them():
         '    ,\n    },\nd?:\n | "x" | "y"\n | any\n,\ne?: any,\nf?: any,\n// Count\n'
         "g?: number | null,\n}"
     )
+
+
+def test_chat_reports_a_malformed_reply(monkeypatch):
+    from click.testing import CliRunner
+    from ossedge.convert import cli_run
+    from ossedge.runtime import generate
+
+    text = "<|channel|>analysis<|message|>SECRET<|end|>junk<|start|>assistant<|channel|>final"
+    monkeypatch.setattr(cli_run, "_open_for_run", lambda *a: (None, None, None, None))
+    monkeypatch.setattr(generate, "chat_turn",
+                        lambda *a, **k: parse_completion(text + "<|message|>ok<|return|>",
+                                                         strict=False))  # fmt: skip
+    result = CliRunner().invoke(cli_run.chat, [], input="hi\n")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == ["[malformed reply: text outside a message: 'junk']"]
