@@ -451,6 +451,7 @@ def verify(artifact, reference, tokens, tolerance, as_json) -> None:
 
 from ossedge.convert.cli_bench import bench  # noqa: E402  (commands in their own modules)
 from ossedge.convert.cli_devices import bundle, plan  # noqa: E402
+from ossedge.convert.cli_tokenizer import tokenizer  # noqa: E402
 
 cli.add_command(generate)
 cli.add_command(chat)
@@ -458,6 +459,7 @@ cli.add_command(profile_experts)
 cli.add_command(plan)
 cli.add_command(bundle)
 cli.add_command(bench)
+cli.add_command(tokenizer)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
