@@ -2,7 +2,8 @@
 tokenizers of the same vocabulary: openai-harmony's (OpenAI's Rust tiktoken) and ExecuTorch's C++
 HFTokenizer (what TextLLMRunner and the apps load). They encode alike except where U+180E
 MONGOLIAN VOWEL SEPARATOR meets whitespace or a contraction (the C++ regex takes it for
-whitespace), and they name two special ids differently; both differences are pinned below."""
+whitespace), and openai-harmony names two special ids otherwise; both are pinned below. Harmony
+prompts rendered with it are openai-harmony's token ids, case for case."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ import pytest
 from clitools import assert_one_line_error, run
 from harmony_oracle import harmony_encoding
 from pytorch_tokenizers import CppHFTokenizer
+from test_harmony_oracle import CASES, theirs_ids
 
 from ossedge.runtime.evaluate import default_text
+from ossedge.runtime.harmony import render_ids
 from ossedge.runtime.tokenizer import Tokenizer, special_layout
 from ossedge.runtime.tokenizer_o200k import (
     O200K_VOCAB_SIZE,
@@ -189,6 +192,15 @@ def test_special_strings_in_text_stay_text(hf, harmony) -> None:
     ids = hf.encode(text)
     assert ids == _harmony_text(harmony, text)
     assert not any(hf.is_special(i) for i in ids) and hf.decode(ids) == text
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_prompt_ids_equal_openai_harmony(hf, harmony, case) -> None:
+    kwargs = dict(CASES[case])
+    messages = kwargs.pop("messages")
+    ours = render_ids(hf, messages, **kwargs)
+    assert ours == theirs_ids(harmony, messages, **kwargs)
+    assert ours[-2:] == [hf.special("<|start|>"), *hf.encode("assistant")]
 
 
 def test_tokenizer_json_is_what_transformers_writes_for_gpt_oss(o200k_dir, tmp_path) -> None:
