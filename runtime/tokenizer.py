@@ -46,6 +46,7 @@ SPECIAL_OFFSETS: dict[str, int] = {
 # The released tokenizer.json names id 200018 <|endofprompt|> (inherited from o200k_base).
 _FULL_EXTRA = {"<|endofprompt|>": 20}
 FULL_SPECIAL_COUNT = 1090  # ids 199998..201087
+O200K_BOS = 199998
 SMALL_SPECIAL_COUNT = 16
 MIN_FULL_BASE = 512  # below this many ordinary tokens, use the compact 16-slot layout
 BYTE_ALPHABET = 256
@@ -102,7 +103,9 @@ class Tokenizer:
                 f"{file}: cannot parse tokenizer.json ({e}); the file is corrupt or truncated, "
                 "copy it again from the original checkpoint"
             ) from e
-        return cls(backend, source=str(file))
+        tok = cls(backend, source=str(file))
+        check_special_layout(tok)
+        return tok
 
     @property
     def vocab_size(self) -> int:
@@ -210,6 +213,43 @@ def special_ids(tokenizer: Tokenizer | tokenizers.Tokenizer) -> dict[str, int]:
     """The harmony special tokens, name → id; raises TokenizerError naming any that is missing."""
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
     return {name: tok.special(name) for name in SPECIAL_OFFSETS}
+
+
+def check_special_layout(tokenizer: Tokenizer) -> None:
+    """Raise TokenizerError naming the first harmony special token that is missing, not special or
+    off its id. The block of special tokens is the last 1090 ids (gpt-oss: <|startoftext|> 199998)
+    or, in compact layouts, the last 16; each token sits at its SPECIAL_OFFSETS from the first."""
+    tok = tokenizer
+    v, by_name = tok.vocab_size, tok._special_by_name
+    start = by_name.get(BOS_NAME)
+    full, compact = v - FULL_SPECIAL_COUNT, v - SMALL_SPECIAL_COUNT
+    candidates = [b for b in (start, full, compact) if b is not None and b >= 0] or [0]
+    # the layout most tokens agree with names the token that is off (first wins a tie)
+    base = max(candidates, key=lambda b: sum(by_name.get(n) == b + o for n, o in
+                                             SPECIAL_OFFSETS.items()))  # fmt: skip
+    added = tok.backend.get_added_tokens_decoder()
+    for name, offset in SPECIAL_OFFSETS.items():
+        want, got = base + offset, by_name.get(name)
+        if got == want:
+            continue
+        plain = [i for i, t in added.items() if t.content == name]
+        if got is not None:
+            found = f"it is id {got}"
+        elif plain:
+            found = f"id {plain[0]} holds it but not as a special token"
+        else:
+            at = added.get(want)
+            found = "it is missing" + (f" (id {want} is {at.content})" if at else "")
+        raise TokenizerError(
+            f"{tok.source}: harmony special token {name} should be id {want}, but {found}; use "
+            "the tokenizer.json shipped with the checkpoint (gpt-oss's: `ossedge tokenizer o200k`)"
+        )
+    if v - base not in (FULL_SPECIAL_COUNT, SMALL_SPECIAL_COUNT):
+        raise TokenizerError(
+            f"{tok.source}: the harmony special tokens start at id {base} of {v}, but they must be "
+            f"the last {FULL_SPECIAL_COUNT} ids (gpt-oss: {BOS_NAME} {O200K_BOS}) or the last "
+            f"{SMALL_SPECIAL_COUNT}; use the tokenizer.json shipped with the checkpoint"
+        )
 
 
 def generation_ids(tokenizer: Tokenizer | tokenizers.Tokenizer) -> dict[str, int | list[int]]:

@@ -8,6 +8,7 @@ prompts rendered with it are openai-harmony's token ids, case for case."""
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import shutil
 import sys
@@ -18,9 +19,10 @@ from harmony_oracle import harmony_encoding
 from pytorch_tokenizers import CppHFTokenizer
 from test_harmony_oracle import CASES, theirs_ids
 
+from ossedge.runtime.errors import TokenizerError
 from ossedge.runtime.evaluate import default_text
 from ossedge.runtime.harmony import render_ids
-from ossedge.runtime.tokenizer import Tokenizer, special_layout
+from ossedge.runtime.tokenizer import Tokenizer, build_synthetic_tokenizer, special_layout
 from ossedge.runtime.tokenizer_o200k import (
     O200K_VOCAB_SIZE,
     o200k_ranks,
@@ -264,3 +266,68 @@ def test_missing_quicktok_is_one_line_naming_the_extra(tmp_path, argv) -> None:
                        check=False, timeout=300)  # fmt: skip
     assert_one_line_error(p, "quicktok-v1", "pip install 'ossedge[tokenizer]'")
     assert list(tmp_path.iterdir()) == []
+
+
+def _edited(tmp_path, edit) -> Tokenizer:
+    """The compact 512-id layout with `edit(added_tokens)` applied, loaded as from a checkpoint."""
+    spec = json.loads(build_synthetic_tokenizer(512).to_str())
+    edit(spec["added_tokens"])
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    return Tokenizer.from_dir(tmp_path)
+
+
+def _by_name(added, name):
+    return next(t for t in added if t["content"] == name)
+
+
+def _swap_call_and_reserved(added) -> None:
+    a, b = _by_name(added, "<|call|>"), _by_name(added, "<|reserved_511|>")
+    a["content"], b["content"] = b["content"], a["content"]
+
+
+BAD_LAYOUTS = {
+    "missing": (lambda added: added.remove(_by_name(added, "<|call|>")),
+                ["<|call|>", "should be id 510", "missing", "id 510 is <|reserved_511|>"]),
+    "wrong-id": (_swap_call_and_reserved, ["<|call|>", "should be id 510", "it is id 511"]),
+    "not-special": (lambda added: _by_name(added, "<|start|>").update(special=False),
+                    ["<|start|>", "should be id 504", "not as a special token"]),
+    "wrong-bos": (lambda added: (_by_name(added, "<|startoftext|>").update(content="<|x|>"),
+                                 _by_name(added, "<|reserved_498|>").update(
+                                     content="<|startoftext|>")),
+                  ["<|startoftext|>", "should be id 496", "it is id 498"]),
+    "not-last": (lambda added: added.append({**added[-1], "id": 512, "content": "<|extra|>"}),
+                 ["start at id 496 of 513", "last 1090 ids", "last 16"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_LAYOUTS))
+def test_misplaced_special_token_is_named_on_load(tmp_path, case) -> None:
+    edit, needles = BAD_LAYOUTS[case]
+    with pytest.raises(TokenizerError) as e:
+        _edited(tmp_path, edit)
+    message = str(e.value)
+    assert "\n" not in message and str(tmp_path / "tokenizer.json") in message
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_misplaced_o200k_token_is_named_on_load(o200k_dir, tmp_path) -> None:
+    text = (o200k_dir / "tokenizer.json").read_text()
+    text = text.replace('"<|call|>"', '"<|tmp|>"').replace('"<|reserved_200013|>"', '"<|call|>"')
+    (tmp_path / "tokenizer.json").write_text(text.replace('"<|tmp|>"', '"<|reserved_200013|>"'))
+    with pytest.raises(
+        TokenizerError, match=r"<\|call\|> should be id 200012, but it is id 200013"
+    ):
+        Tokenizer.from_dir(tmp_path)
+
+
+def test_the_checkpoint_layouts_load(tmp_path) -> None:
+    from ossedge.assets import default_model_dir
+
+    for vocab in (512, 4096):  # compact and gpt-oss layouts
+        path = tmp_path / str(vocab)
+        path.mkdir()
+        build_synthetic_tokenizer(vocab).save(str(path / "tokenizer.json"))
+        assert Tokenizer.from_dir(path).special("<|call|>") == min(special_layout(vocab)) + 14
+    # the bundled model: 4096 ids with the compact layout forced
+    assert Tokenizer.from_dir(default_model_dir()).special("<|call|>") == 4080 + 14
