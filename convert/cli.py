@@ -42,7 +42,9 @@ def cli(debug: bool, strict_config: bool) -> None:
 
 @cli.command()
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--preset", type=click.Choice(["tiny", "20b"]), default="tiny", show_default=True)
+@click.option("--preset", type=click.Choice(["tiny", "20b"]), default="tiny", show_default=True,
+              help="tiny: 4 layers, hidden 64, a small tokenizer; 20b: gpt-oss-20b's shapes and "
+              "its released tokenizer (needs the tokenizer extra).")  # fmt: skip
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--layout", type=click.Choice(["hf", "original"]), default="hf", show_default=True)
 @click.option(

@@ -14,6 +14,7 @@ import re
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -28,6 +29,9 @@ from ossedge.runtime.config import (
     preset,
 )
 from ossedge.runtime.safetensors_stream import write_streaming
+
+if TYPE_CHECKING:
+    import tokenizers
 
 CHUNK_BYTES = 64 << 20
 HF_SHARD_BYTES = 5 << 30
@@ -204,10 +208,11 @@ def synthesize(
     force: bool = False,
     progress: bool = False,
 ) -> Path:
-    """Write a random-weight gpt-oss checkpoint to `out` atomically; return its path. With
-    `router_skew`, router biases are offset so that expert usage per layer is skewed like
-    gpt-oss-20b's published profiles (SKEW_TOP_QUARTER) instead of near uniform."""
-    from ossedge.runtime.tokenizer import build_synthetic_tokenizer, special_ids
+    """Write a random-weight gpt-oss checkpoint to `out` atomically; return its path. A vocabulary
+    of 201088 gets gpt-oss's real tokenizer (see `checkpoint_tokenizer`). With `router_skew`,
+    router biases are offset so that expert usage per layer is skewed like gpt-oss-20b's
+    published profiles (SKEW_TOP_QUARTER) instead of near uniform."""
+    from ossedge.runtime.tokenizer import special_ids
 
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
@@ -216,7 +221,7 @@ def synthesize(
     cfg = config or preset(preset_name)
     if layout == "original":
         _check_original_expressible(cfg)
-    tok = build_synthetic_tokenizer(cfg.vocab_size)
+    tok = checkpoint_tokenizer(cfg.vocab_size)
     ids = special_ids(tok)
     cfg = cfg.replace(
         eos_token_id=ids["<|return|>"],
@@ -247,6 +252,18 @@ def synthesize(
             _write_original(tmp, cfg, specs, counted)
     bar.close()
     return Path(out)
+
+
+def checkpoint_tokenizer(vocab_size: int) -> tokenizers.Tokenizer:
+    """The tokenizer a synthetic checkpoint ships: gpt-oss's own (o200k_harmony, which needs the
+    `tokenizer` extra) for its vocabulary of 201088, a small trained one of the same form for any
+    other size."""
+    from ossedge.runtime.tokenizer import build_synthetic_tokenizer
+    from ossedge.runtime.tokenizer_o200k import O200K_VOCAB_SIZE, build_o200k_harmony
+
+    if vocab_size == O200K_VOCAB_SIZE:
+        return build_o200k_harmony()
+    return build_synthetic_tokenizer(vocab_size)
 
 
 def _check_original_expressible(cfg: GptOssConfig) -> None:

@@ -22,6 +22,7 @@ from test_harmony_oracle import CASES, theirs_ids
 from ossedge.runtime.errors import TokenizerError
 from ossedge.runtime.evaluate import default_text
 from ossedge.runtime.harmony import render_ids
+from ossedge.runtime.synth import synthesize
 from ossedge.runtime.tokenizer import Tokenizer, build_synthetic_tokenizer, special_layout
 from ossedge.runtime.tokenizer_o200k import (
     O200K_VOCAB_SIZE,
@@ -238,6 +239,17 @@ def test_cli_writes_it(o200k_dir, tmp_path) -> None:
     assert _sha(tmp_path / "tok" / "tokenizer.json") == _sha(o200k_dir / "tokenizer.json")
 
 
+def test_synth_of_201088_ids_ships_it(o200k_dir, tmp_path, tiny_config) -> None:
+    cfg = tiny_config(num_layers=2, vocab_size=O200K_VOCAB_SIZE)
+    ckpt = synthesize(tmp_path / "ckpt", config=cfg)
+    assert _sha(ckpt / "tokenizer.json") == _sha(o200k_dir / "tokenizer.json")
+    config = json.loads((ckpt / "config.json").read_text())
+    assert (config["vocab_size"], config["eos_token_id"], config["pad_token_id"]) == (
+        201088, 200002, 199999)  # fmt: skip
+    gen = json.loads((ckpt / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [200002, 199999, 200012] and gen["bos_token_id"] == 199998
+
+
 def test_cli_refuses_an_existing_output(tmp_path) -> None:
     out = tmp_path / "tok"
     out.mkdir()
@@ -254,8 +266,9 @@ def test_cli_refuses_an_existing_output(tmp_path) -> None:
     assert run("tokenizer", "o200k", "-o", str(out)).returncode == 0
 
 
-@pytest.mark.parametrize("argv", [["tokenizer", "o200k", "-o", "{tmp}/tok"]],
-                         ids=["tokenizer"])  # fmt: skip
+@pytest.mark.parametrize("argv", [["tokenizer", "o200k", "-o", "{tmp}/tok"],
+                                  ["synth", "--preset", "20b", "{tmp}/ckpt"]],
+                         ids=["tokenizer", "synth-20b"])  # fmt: skip
 def test_missing_quicktok_is_one_line_naming_the_extra(tmp_path, argv) -> None:
     import subprocess
 
