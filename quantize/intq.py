@@ -47,6 +47,28 @@ def round_activations_int8(v: torch.Tensor) -> torch.Tensor:
     return (q * (amax / 127.0)).reshape(v.shape)
 
 
+LINEAR_ACTIVATIONS = ("float", "int8-b32", "int8-asym-token")  # how a backend's linears take theirs
+
+
+def round_activations_int8_asym_token(v: torch.Tensor) -> torch.Tensor:
+    """v float32 [..., K] rounded to int8 per row with a zero point and dequantized, as XNNPACK's
+    dynamic int8 linears (QD8) do: the range [min(v, 0), max(v, 0)] spread over -128..127, the
+    zero point nudged to an integer, q = round(v · 255 / range) + zero point (half to even)."""
+    lo = v.amin(-1, keepdim=True).clamp(max=0)
+    hi = v.amax(-1, keepdim=True).clamp(min=0)
+    scale = torch.where(hi > lo, 255.0 / (hi - lo), torch.ones_like(hi))
+    rmin, rmax = lo * scale, hi * scale
+    zero = torch.where((rmin - 128) + (rmax + 127) > 0, -128 - rmin, 127 - rmax)
+    zero = torch.round(zero.clamp(-128, 127))
+    q = (torch.round(v * scale) + zero).clamp(-128, 127)
+    return (q - zero) * (1.0 / scale)
+
+
+def round_scales_bf16(scale: torch.Tensor) -> torch.Tensor:
+    """Group scales as XNNPACK's int4 kernels (QB4W) hold them: rounded to bfloat16."""
+    return scale.to(torch.bfloat16).to(scale.dtype)
+
+
 # -- int8 per output channel ------------------------------------------------------------------
 
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from ossedge.runtime.errors import ArtifactError
+from ossedge.runtime.routing import Routing, concat_calls
 
 FORMAT = "ossedge-coreml"
 SUPPORTED_CONTRACT = 1
@@ -107,9 +107,8 @@ class CoreMLModel:
     prediction call per function, as the artifact's functions take one token)."""
 
     def __init__(self, root: str | Path, *, engine: str = "auto", checksums: bool = False) -> None:
-        from safetensors import safe_open
-
         from ossedge.runtime.config import config_from_hf_dict
+        from safetensors import safe_open
 
         self.root = Path(root)
         self.manifest = read_manifest(self.root, checksums=checksums)
@@ -135,6 +134,7 @@ class CoreMLModel:
         emb = self.manifest["embedding"]
         self._emb_file = safe_open(str(self.root / emb["file"]), "pt")
         self._emb_fmt, self._emb_shape = emb["format"], tuple(emb["shape"])
+        self._trace: list[list[Routing]] | None = None
 
     def embed(self, token: int) -> np.ndarray:
         """fp32 [1, H] embedding row of `token`."""
@@ -160,16 +160,30 @@ class CoreMLModel:
         """One token at the cache's position → logits fp32 [V]."""
         x = self.embed(token)
         pos = np.array([cache.position], dtype=np.int32)
+        chosen = []
         for layer in range(self.cfg.num_hidden_layers):
             a = self.engine.predict(f"attn_{layer}", {"x": x, "pos": pos}, cache.states[layer])
             h = a["h"].astype(np.float32)
+            chosen.append(Routing(torch.from_numpy(a["ids"].reshape(1, -1).astype(np.int64)),
+                                  torch.from_numpy(a["w"].reshape(1, -1).astype(np.float32)),
+                                  None))  # fmt: skip
             for j in range(a["ids"].shape[-1]):
                 e = int(a["ids"].reshape(-1)[j])
                 y = self.engine.predict(f"expert_{layer}_{e}", {"m": a["m"]})["y"]
                 h = h + np.float32(a["w"].reshape(-1)[j]) * y.astype(np.float32)
             x = h
         cache.position += 1
+        if self._trace is not None:
+            self._trace.append(chosen)
         return self.engine.predict("head", {"h": x})["logits"].reshape(-1).astype(np.float32)
+
+    def trace_routing(self, on: bool = True) -> None:
+        """Start (or stop) recording the experts the attention functions choose (emptied)."""
+        self._trace = [] if on else None
+
+    def routing_trace(self) -> list[Routing]:
+        """Per layer, the routing of every token run since `trace_routing()` (ids and weights)."""
+        return concat_calls(self._trace or [])
 
     def __call__(
         self, input_ids: torch.Tensor, *, cache: CoreMLCache | None = None, last_only: bool = True
@@ -233,9 +247,7 @@ def _compressed_gathers(fn_name: str, ops) -> list[str]:
     for op in ops:
         ins = {k: [b.name for b in v.arguments if b.WhichOneof("binding") == "name"]
                for k, v in op.inputs.items()}
-        if op.type.startswith("constexpr_"):
-            compressed.update(o.name for o in op.outputs)
-        elif op.type in _PASS_THROUGH and set(ins.get("x", [])) & compressed:
+        if op.type.startswith("constexpr_") or op.type in _PASS_THROUGH and set(ins.get("x", [])) & compressed:
             compressed.update(o.name for o in op.outputs)
         elif op.type.startswith("gather") and set(ins.get("x", [])) & compressed:
             problems.append(f"{fn_name}: a compressed weight feeds {op.type} "

@@ -14,13 +14,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from ossedge.quantize.intq import ACTIVATIONS, round_activations_int8
+from ossedge.quantize.intq import (
+    ACTIVATIONS,
+    LINEAR_ACTIVATIONS,
+    round_activations_int8,
+    round_activations_int8_asym_token,
+    round_scales_bf16,
+)
 from ossedge.quantize.qtensor import QTensor
 from ossedge.runtime.cache import KVCache
 from ossedge.runtime.checkpoint import open_checkpoint
 from ossedge.runtime.config import GptOssConfig
+from torch import nn
 
 SWIGLU_ALPHA = 1.702
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
@@ -28,11 +33,14 @@ LINEAR_CHUNK_ROWS = 16384  # decode a quantized unembedding this many rows at a 
 Weight = torch.Tensor | QTensor
 
 
-def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None, act=None) -> torch.Tensor:
     """F.linear for a plain or quantized weight [N, K]; large quantized weights are decoded in
-    row chunks so a 201088-row unembedding never exists in full precision."""
+    row chunks so a 201088-row unembedding never exists in full precision. `act`: what a
+    backend's quantized linears do to their inputs (see `linear_rounding`), None for nothing."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, b)
+    if act is not None:
+        x = act(x.float()).to(x.dtype)
     n = w.shape[0]
     if n <= LINEAR_CHUNK_ROWS:
         return F.linear(x, w.dequantize(x.dtype), b)
@@ -40,6 +48,25 @@ def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> torch.T
     parts = [F.linear(x, w[a : a + step].dequantize(x.dtype)) for a in range(0, n, step)]
     out = torch.cat(parts, dim=-1)
     return out if b is None else out + b
+
+
+def linear_rounding(mode: str):
+    """(input rounding, weight transform) of quantized linears for `mode` in LINEAR_ACTIVATIONS:
+    "float" none; "int8-b32" int8 per block of 32 (ONNX Runtime's MatMulNBits, accuracy level 4);
+    "int8-asym-token" int8 per token with a zero point and int4 group scales in bf16 (XNNPACK)."""
+    if mode not in LINEAR_ACTIVATIONS:
+        raise ValueError(f"linear activations must be one of {LINEAR_ACTIVATIONS}, got {mode}")
+    if mode == "float":
+        return None, lambda w: w
+    if mode == "int8-b32":
+        return round_activations_int8, lambda w: w
+
+    def bf16_scales(w: Weight) -> Weight:
+        if not isinstance(w, QTensor) or w.fmt != "int4-g32":
+            return w
+        return QTensor(w.fmt, w.shape, {**w.parts, "scale": round_scales_bf16(w.parts["scale"])})
+
+    return round_activations_int8_asym_token, bf16_scales
 
 
 def _keep(module: nn.Module, tensors: dict[str, Weight]) -> None:
@@ -100,6 +127,7 @@ class Attention(nn.Module):
         self.cfg = cfg
         self.layer = layer
         self.sliding = cfg.is_sliding(layer)
+        self.act = None  # input rounding of the quantized linears (build_model's linear_activations)
         _keep(self, t)
 
     def forward(
@@ -109,9 +137,9 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         kv, d = cfg.num_key_value_heads, cfg.head_dim
         g = cfg.num_attention_heads // kv
-        q = linear(x, self.q_w, self.q_b).view(b, t, kv * g, d)
-        k = linear(x, self.k_w, self.k_b).view(b, t, kv, d)
-        v = linear(x, self.v_w, self.v_b).view(b, t, kv, d)
+        q = linear(x, self.q_w, self.q_b, self.act).view(b, t, kv * g, d)
+        k = linear(x, self.k_w, self.k_b, self.act).view(b, t, kv, d)
+        v = linear(x, self.v_w, self.v_b, self.act).view(b, t, kv, d)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, KV, T, D]
         if cache is None:
@@ -128,7 +156,7 @@ class Attention(nn.Module):
         probs = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1]
         out = torch.einsum("bkgts,bksd->bkgtd", probs.to(values.dtype), values)
         out = out.permute(0, 3, 1, 2, 4).reshape(b, t, kv * g * d)
-        return linear(out, self.o_w, self.o_b)
+        return linear(out, self.o_w, self.o_b, self.act)
 
 
 class Experts(nn.Module):
@@ -144,6 +172,11 @@ class Experts(nn.Module):
         # "int8-b32": both expert inputs rounded as the native MoE kernels do (quantize/intq.py)
         self.round = round_activations_int8 if activations == "int8-b32" else (lambda v: v)
         _keep(self, t)
+        # verify's hooks (None: route by the router's top-k, record nothing): `forced` [N, K]
+        # expert ids to use instead of the top-k (an artifact's own choices); `seen` a list that
+        # gets each call's router logits [N, E]
+        self.forced: torch.Tensor | None = None
+        self.seen: list[torch.Tensor] | None = None
 
     def _weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(W1 [2I, H], W2 [H, I]) of expert e in the compute dtype."""
@@ -157,7 +190,16 @@ class Experts(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, H] N=tokens
         logits = linear(x, self.router_w, self.router_b)  # [N, E]
-        top_v, top_i = torch.topk(logits, cfg.num_experts_per_tok, dim=-1)  # [N, K]
+        if self.seen is not None:
+            self.seen.append(logits.float())
+        if self.forced is not None:
+            if self.forced.shape != (x.shape[0], cfg.num_experts_per_tok):
+                raise ValueError(f"forced routing is {tuple(self.forced.shape)}, the call routes "
+                                 f"{x.shape[0]} tokens to {cfg.num_experts_per_tok} experts")  # fmt: skip
+            top_i = self.forced.to(torch.long)
+            top_v = logits.gather(1, top_i)
+        else:
+            top_v, top_i = torch.topk(logits, cfg.num_experts_per_tok, dim=-1)  # [N, K]
         weights = torch.softmax(top_v.float(), dim=-1).to(x.dtype)
         out = torch.zeros_like(x)
         limit = cfg.swiglu_limit
@@ -205,6 +247,7 @@ class GptOssModel(nn.Module):
         self.config = cfg
         self.dtype = dtype
         self.blocks = nn.ModuleList(blocks)
+        self.act = None  # as Attention.act, for the unembedding
         _keep(self, {"embed": embed, "norm": norm, "lm_head": lm_head})  # embed kept as stored
 
     def new_cache(self, *, batch_size: int = 1, max_context: int | None = None) -> KVCache:
@@ -237,7 +280,7 @@ class GptOssModel(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = rms_norm(x, self.norm, self.config.rms_norm_eps)
-        return linear(x, self.lm_head)
+        return linear(x, self.lm_head, None, self.act)
 
 
 _ATTN = {
@@ -262,16 +305,19 @@ _MLP = {
 
 
 def build_model(
-    ckpt, *, dtype: torch.dtype = torch.float32, expert_activations: str = "float"
-) -> GptOssModel:
+    ckpt, *, dtype: torch.dtype = torch.float32, expert_activations: str = "float",
+    linear_activations: str = "float",
+) -> GptOssModel:  # fmt: skip
     """Assemble the model from a validated checkpoint (plain or quantized), one weight at a time.
     Float tensors are cast to `dtype` (no copy when already in it); quantized weights, expert
     bytes and the embedding stay mapped as stored. `expert_activations="int8-b32"` rounds the
-    experts' inputs as an ExecuTorch artifact's kernels do (for parity checks against one)."""
+    experts' inputs as an ExecuTorch artifact's kernels do, `linear_activations` the quantized
+    linear layers' as a backend does (`linear_rounding`; for parity checks against artifacts)."""
     if dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute dtype must be one of {COMPUTE_DTYPES}, got {dtype}")
     if expert_activations not in ACTIVATIONS:
         raise ValueError(f"expert activations must be one of {ACTIVATIONS}, got {expert_activations}")
+    act, transform = linear_rounding(linear_activations)
     cfg = ckpt.config
 
     def weight(name: str, *, cast: bool = True) -> Weight:
@@ -281,21 +327,24 @@ def build_model(
     blocks = []
     for n in range(cfg.num_hidden_layers):
         p = f"model.layers.{n}."
-        attn = Attention(cfg, n, {k: weight(p + v) for k, v in _ATTN.items()})
+        attn = Attention(cfg, n, {k: transform(weight(p + v)) for k, v in _ATTN.items()})
+        attn.act = act
         # dense experts stay in their stored dtype: a selected expert is cast when used
         mlp = {k: weight(p + v, cast=k not in ("gate_up", "down")) for k, v in _MLP.items()}
         norm_names = ("input_layernorm.weight", "post_attention_layernorm.weight")
         norms = (weight(p + norm_names[0]), weight(p + norm_names[1]))
         experts = Experts(cfg, mlp, dtype=dtype, activations=expert_activations)
         blocks.append(Block(attn, experts, norms))
-    return GptOssModel(
+    model = GptOssModel(
         cfg,
         blocks,
         weight("model.embed_tokens.weight", cast=False),
         weight("model.norm.weight"),
-        weight("lm_head.weight"),
+        transform(weight("lm_head.weight")),
         dtype=dtype,
-    ).eval()
+    )
+    model.act = act
+    return model.eval()
 
 
 def load_model(

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from ossedge.runtime.errors import ArtifactError
+from ossedge.runtime.routing import Routing, concat_calls, from_logits
 
 ARTIFACT_FORMAT = "ossedge-onnx"
 SUPPORTED_CONTRACT = 1
@@ -70,6 +70,9 @@ class OnnxModel:
         for k, v in m.get("session_options", {}).items():
             if not (prepack and k == "session.disable_prepacking"):
                 opts.add_session_config_entry(k, v)
+        self._opts = opts
+        self._trace: list[list[Routing]] | None = None
+        self._router_outputs: list[str] = []
         try:
             self.session = ort.InferenceSession(
                 str(self.root / "model.onnx"), opts, providers=["CPUExecutionProvider"]
@@ -86,6 +89,34 @@ class OnnxModel:
         self.max_context = int(m["max_context"])
         self.max_prefill = PREFILL_CHUNK
         self.config = _Config(self.max_context, int(cfg["vocab_size"]))
+
+    def trace_routing(self, on: bool = True) -> None:
+        """Start (or stop) recording each layer's routing (emptied). The first start reloads the
+        graph with the QMoE nodes' router logits as extra outputs (the weights stay in place)."""
+        if on and not self._router_outputs:
+            self._load_traced()
+        self._trace = [] if on else None
+
+    def routing_trace(self) -> list[Routing]:
+        """Per layer, the routing of every token run since `trace_routing()`: QMoE's top-k of the
+        router logits it was given."""
+        return concat_calls(self._trace or [])
+
+    def _load_traced(self) -> None:
+        import onnx
+        import onnxruntime as ort
+
+        graph = onnx.load(str(self.root / "model.onnx"), load_external_data=False)
+        names = [n.input[1] for n in graph.graph.node if n.op_type == "QMoE"]
+        for name in names:
+            graph.graph.output.append(onnx.helper.make_tensor_value_info(
+                name, onnx.TensorProto.FLOAT, None))  # fmt: skip
+        # from bytes: the external data file is found in the artifact's folder
+        self._opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                            str(self.root))  # fmt: skip
+        self.session = ort.InferenceSession(graph.SerializeToString(), self._opts,
+                                            providers=["CPUExecutionProvider"])  # fmt: skip
+        self._router_outputs = names
 
     def new_cache(self, *, batch_size: int = 1, max_context: int | None = None) -> OnnxCache:
         import onnxruntime as ort
@@ -105,6 +136,8 @@ class OnnxModel:
         b.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         b.bind_cpu_input("attention_mask", np.ones((1, cache.position + t), np.int64))
         b.bind_output("logits")  # first: copy_outputs_to_cpu() follows the binding order
+        for name in self._router_outputs:
+            b.bind_output(name)
         for n, (k, v) in enumerate(cache.values):
             b.bind_ortvalue_input(f"past_key_values.{n}.key", k)
             b.bind_ortvalue_input(f"past_key_values.{n}.value", v)
@@ -114,7 +147,12 @@ class OnnxModel:
             self.session.run_with_iobinding(b)
         except Exception as e:
             raise ArtifactError(f"{self.root}: forward failed ({str(e).splitlines()[0]})") from None
-        return b.copy_outputs_to_cpu()[0][0]
+        out = b.copy_outputs_to_cpu()
+        if self._trace is not None:
+            k = int(self.manifest["config"]["num_experts_per_tok"])
+            self._trace.append([from_logits(torch.from_numpy(out[1 + n]), k)
+                                for n in range(len(self._router_outputs))])  # fmt: skip
+        return out[0][0]
 
     def __call__(
         self, input_ids: torch.Tensor, *, cache: OnnxCache | None = None, last_only: bool = True

@@ -16,7 +16,7 @@ from clitools import assert_one_line_error, run
 
 from ossedge.assets import default_model_dir
 from ossedge.quantize.qtensor import QTensor
-from ossedge.runtime.artifacts import verify_artifact
+from ossedge.runtime.verify import verify_artifact
 from ossedge.runtime.checkpoint import open_checkpoint
 from ossedge.runtime.coreml import CoreMLArtifactError, CoreMLModel, check_structure
 from ossedge.runtime.mil import MilError, MilPackage, quiet_coremltools, unpack_bits
@@ -237,6 +237,8 @@ def test_artifact_parity_and_structure(which, request):
     r = verify_artifact(art, default_model_dir(), tokens=80)
     assert r["passed"], r
     assert r["rel_err"] < 5e-3 and r["top1_same"] == 1.0
+    g = r["routing"]  # ids and weights from the attention functions, no router logits
+    assert g["decisions"] == 80 * 4 and not g["router_logits"] and g["router_err"] < 1e-2
     s = r["structure"]
     assert s["ok"] and s["expert_weights_exact"] == s["expert_weights_checked"] == 64
     assert abs(s["expert_bits_per_weight"] - 4.5) < 0.01

@@ -15,7 +15,7 @@ import torch
 from clitools import assert_one_line_error, run
 
 from ossedge.assets import default_model_dir
-from ossedge.runtime.artifacts import verify_artifact
+from ossedge.runtime.verify import verify_artifact
 from ossedge.runtime.checkpoint import open_checkpoint
 from ossedge.runtime.evaluate import default_text
 from ossedge.runtime.executorch import (
@@ -166,10 +166,14 @@ def test_verify_json_and_failure_exit(artifact):
     for key in ("max_abs_err", "rel_err", "rel_err_p90", "kl_mean", "top1", "tokens", "passed"):
         assert key in r
     assert r["passed"] and r["tokens"] == 48 and 0.9 <= r["top1_same"] <= 1.0
+    g = r["routing"]  # every token's choice in every layer, recorded by the kernels
+    assert g["decisions"] == 48 * 4 and g["router_logits"] and g["inconsistent"] == 0
+    assert 0 <= g["flips"] <= g["decisions"] and g["router_err_p90"] < r["tolerance"]
+    assert r["linear_activations"] == "int8-asym-token"
     p = run("verify", str(artifact), "--reference", str(default_model_dir()), "--tokens", "48",
             "--tolerance", "1e-9")
     assert p.returncode == 3 and "FAILED" in p.stdout
-    assert_one_line_error(p, "exceeds the tolerance", code=3)
+    assert_one_line_error(p, "at the 90th percentile of steps", "same experts routed", code=3)
 
 
 def test_generate_on_artifact_matches_reference_greedy(artifact):

@@ -103,3 +103,20 @@ def test_chunking_does_not_change_results(monkeypatch) -> None:
 def test_bad_shapes_raise(call, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-100, 100, width=32), min_size=1, max_size=96))
+def test_int8_asym_token_rounding_is_within_half_a_step(values) -> None:
+    v = torch.tensor([values])
+    r = intq.round_activations_int8_asym_token(v)
+    lo, hi = min(0.0, min(values)), max(0.0, max(values))
+    step = (hi - lo) / 255 if hi > lo else 1.0
+    assert (r - v).abs().max() <= step * 0.5 + 1e-5 * max(1.0, hi - lo)
+    # zero is exactly representable (the zero point is an integer), as XNNPACK's QD8 makes it
+    assert intq.round_activations_int8_asym_token(torch.tensor([[0.0, *values]]))[0, 0] == 0
+
+
+def test_bf16_scales_round_to_nearest() -> None:
+    s = torch.tensor([1.0, 1.0 + 2**-8, 1.0 + 3 * 2**-9], dtype=torch.float16)
+    assert intq.round_scales_bf16(s).tolist() == [1.0, 1.0, 1.0 + 2**-7]

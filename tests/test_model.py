@@ -322,3 +322,27 @@ def test_sinks_absorb_attention_mass(tiny_model, captured) -> None:
     lo, hi = SINK_SHARE
     assert all(s > lo / 2 for s in shares), shares
     assert lo <= sum(shares) / len(shares) <= hi, shares
+
+
+def test_forced_routing_and_the_router_record(tiny_model) -> None:
+    """verify's hooks: the experts of `forced` are used instead of the top-k (their weights the
+    softmax of the router's logits for them), and `seen` gets each call's router logits."""
+    ids = torch.arange(1, 13)[None]
+    plain = tiny_model(ids)
+    blocks, k = tiny_model.blocks, tiny_model.config.num_experts_per_tok
+    for b in blocks:
+        b.mlp.seen = []
+    try:
+        assert torch.equal(tiny_model(ids), plain)  # recording changes nothing
+        logits = [b.mlp.seen[0] for b in blocks]
+        for b, lg in zip(blocks, logits):  # the top-k, imposed: the same result
+            b.mlp.forced = torch.topk(lg, k, dim=-1).indices.flip(-1)  # any order
+        assert torch.allclose(tiny_model(ids), plain, atol=1e-6)
+        blocks[0].mlp.forced = torch.topk(-logits[0], k, dim=-1).indices  # the bottom-k
+        assert not torch.allclose(tiny_model(ids), plain, atol=1e-3)
+        blocks[0].mlp.forced = blocks[0].mlp.forced[:3]
+        with pytest.raises(ValueError, match="forced routing"):
+            tiny_model(ids)
+    finally:
+        for b in blocks:
+            b.mlp.forced = b.mlp.seen = None

@@ -144,6 +144,11 @@ def test_verify_cli_json(artifact: Path) -> None:
     for key in ("max_abs_err", "rel_err", "rel_err_p90", "kl_mean", "top1", "tokens", "passed"):
         assert key in r
     assert r["passed"] and r["target"] == "onnx" and r["rel_err"] < 1e-4
+    # the QMoE router logits, read as extra graph outputs, match the reference's to rounding
+    g = r["routing"]
+    assert g["decisions"] == 48 * 4 and g["router_logits"] and g["router_err"] < 1e-4
+    assert g["flips"] == g["inconsistent"] == 0 and r["tolerance"] == 1e-3
+    assert r["linear_activations"] == "float"  # MatMulNBits without prepacking
 
 
 def _copy(artifact: Path, tmp_path: Path) -> Path:

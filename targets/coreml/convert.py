@@ -325,7 +325,7 @@ def convert(
         manifest["convert"] = {"seconds": timings["total"], "stages_s": timings}
         write_manifest(tmp, manifest)
         if verify_tokens != 0:
-            from ossedge.runtime.artifacts import verify_into_manifest
+            from ossedge.runtime.verify import verify_into_manifest
 
             verify_into_manifest(tmp, ckpt_path, manifest, write_manifest, tokens=verify_tokens,
                                  progress=progress)

@@ -355,7 +355,7 @@ def convert(
         }
         manifest_json(tmp, manifest)
         if verify_tokens != 0:
-            from ossedge.runtime.artifacts import verify_into_manifest
+            from ossedge.runtime.verify import verify_into_manifest
 
             verify_into_manifest(tmp, ckpt_path, manifest, manifest_json, tokens=verify_tokens,
                                  progress=progress)

@@ -406,6 +406,8 @@ bool moe_forward(const MoeArgs& a, float* out, std::string* error) {
     p.ids = routed_ids.data();
     p.weights = routed_weights.data();
   }
+  if (a.chosen_ids != nullptr) std::copy(p.ids, p.ids + pairs, a.chosen_ids);
+  if (a.chosen_weights != nullptr) std::copy(p.weights, p.weights + pairs, a.chosen_weights);
   // Counting sort of the (token, slot) pairs by expert.
   std::vector<int64_t> count(a.experts + 1, 0);
   for (int64_t q = 0; q < pairs; ++q) {

@@ -116,6 +116,10 @@ struct MoeArgs {
   const float* next_logits = nullptr;
   int64_t next_experts = 0;
   ExpertSource* next_source = nullptr;
+  // Where each token's chosen ids and weights [T, topk] are copied (nullptr: nowhere); for hosts
+  // that record the routing (routing_trace.h).
+  int64_t* chosen_ids = nullptr;
+  float* chosen_weights = nullptr;
 };
 
 // The instruction set the kernel uses: "avx512vnni", "avx512", "avx2", "neon" or "scalar". The

@@ -2,6 +2,7 @@
 // targets/executorch/ops.py). Shapes and dtypes are checked here; the math is in moe_core.cpp.
 #include <cstdio>
 #include <string>
+#include <vector>
 
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/kernel/kernel_includes.h>
@@ -11,6 +12,7 @@
 #include "expert_cache.h"
 #include "expert_pack.h"
 #include "moe_core.h"
+#include "routing_trace.h"
 
 namespace {
 
@@ -20,6 +22,18 @@ using executorch::runtime::Error;
 using executorch::runtime::KernelRuntimeContext;
 
 using ossedge::kParallel;
+
+// moe_forward, and the routing it chose appended to the record when one is being kept.
+bool forward_traced(ossedge::MoeArgs& a, float* out, std::string* error) {
+  if (!ossedge::routing_trace_on()) return ossedge::moe_forward(a, out, error);
+  std::vector<int64_t> ids(a.tokens * a.topk);
+  std::vector<float> weights(ids.size());
+  a.chosen_ids = ids.data();
+  a.chosen_weights = weights.data();
+  if (!ossedge::moe_forward(a, out, error)) return false;
+  ossedge::routing_trace_add(a.tokens, a.experts, a.topk, ids.data(), weights.data(), a.logits);
+  return true;
+}
 
 bool weight_ok(const Tensor& data, const Tensor& scales, const Tensor& bias,
                ossedge::WeightFormat format, ossedge::ExpertWeight* w) {
@@ -75,7 +89,7 @@ Tensor& moe_out(KernelRuntimeContext& ctx, ossedge::WeightFormat format, const T
   a.limit = static_cast<float>(limit);
   a.alpha = static_cast<float>(alpha);
   a.parallel = kParallel;
-  ET_KERNEL_CHECK_MSG(ctx, ossedge::moe_forward(a, out.mutable_data_ptr<float>()),
+  ET_KERNEL_CHECK_MSG(ctx, forward_traced(a, out.mutable_data_ptr<float>(), nullptr),
                       InvalidArgument, out, "ossedge moe: an expert id is out of range");
   return out;
 }
@@ -172,7 +186,7 @@ Tensor& moe_packed_out(KernelRuntimeContext& ctx, ossedge::WeightFormat format, 
     a.next_logits = next_logits->const_data_ptr<float>();
     a.next_experts = next_experts->size(0);
   }
-  if (!ossedge::moe_forward(a, out.mutable_data_ptr<float>(), &error)) {
+  if (!forward_traced(a, out.mutable_data_ptr<float>(), &error)) {
     std::fprintf(stderr, "ossedge moe: %s\n", error.c_str());  // ET_LOG may be compiled out
     ctx.fail(Error::InvalidProgram);
   }
