@@ -255,6 +255,22 @@ def _compressed_gathers(fn_name: str, ops) -> list[str]:
     return problems
 
 
+def _rotary_tables(pkg, fn_name: str, ops, cfg, context: int) -> list[str]:
+    """The attention function's cos and sin tables (the [context, D/2] constants it gathers a
+    position's row from) must be the reference's YaRN tables: a table slightly off (a flipped
+    `truncate`) moves the logits little at the first positions and much later on."""
+    from ossedge.runtime.model import rope_tables
+
+    want = [t.numpy() for t in rope_tables(cfg, torch.arange(context))]
+    found = [pkg._value(op.attributes["val"]) for op in ops if op.type == "const"]
+    found = [v for v in found if isinstance(v, np.ndarray) and v.shape == want[0].shape]
+    if len(found) != 2:
+        return [f"{fn_name}: {len(found)} rotary tables of shape {list(want[0].shape)}, not 2"]
+    worst = max(min(np.abs(f.astype(np.float32) - w).max() for w in want) for f in found)
+    return [] if worst <= 1e-5 else [f"{fn_name}: the rotary tables differ from the reference's "
+                                     f"(largest difference {worst:.3g})"]  # fmt: skip
+
+
 def _decode_weight(pkg, fn_name: str, output: str) -> tuple[np.ndarray, int]:
     """A weight's dense value as the program defines it, and the bits its constexpr chain stores."""
     from ossedge.runtime.mil import _DTYPES, _Type
@@ -319,6 +335,8 @@ def check_structure(model: CoreMLModel, source) -> dict[str, Any]:
         ops = pkg.ops(name)
         problems += _state_discipline(name, ops, list(spec["states"]))
         problems += _compressed_gathers(name, ops)
+        if name.startswith("attn_"):
+            problems += _rotary_tables(pkg, name, ops, cfg, model.max_context)
         if not name.startswith("expert_"):
             continue
         layer, e = (int(x) for x in name.split("_")[1:])

@@ -109,8 +109,8 @@ def _position_off_by_one(monkeypatch) -> None:
                         lambda self, start, pos: real(self, start, pos + 1))  # fmt: skip
 
 
-MUTATIONS = [(t, m) for t in ("executorch", "onnx") for m in (*WEIGHTS, *CONFIGS)]
-# ONNX Runtime's GroupQueryAttention derives the positions from the mask itself
+MUTATIONS = [(t, m) for t in ("executorch", "onnx", "coreml") for m in (*WEIGHTS, *CONFIGS)]
+# ONNX Runtime's GroupQueryAttention and Core ML's host derive positions themselves
 MUTATIONS.append(("executorch", "position-off-by-one"))
 
 
