@@ -267,8 +267,8 @@ def _rotary_tables(pkg, fn_name: str, ops, cfg, context: int) -> list[str]:
     if len(found) != 2:
         return [f"{fn_name}: {len(found)} rotary tables of shape {list(want[0].shape)}, not 2"]
     worst = max(min(np.abs(f.astype(np.float32) - w).max() for w in want) for f in found)
-    return [] if worst <= 1e-5 else [f"{fn_name}: the rotary tables differ from the reference's "
-                                     f"(largest difference {worst:.3g})"]  # fmt: skip
+    why = f"{fn_name}: the rotary tables differ from the reference's (largest difference {worst:.3g})"
+    return [] if worst <= 1e-5 else [why]
 
 
 def _decode_weight(pkg, fn_name: str, output: str) -> tuple[np.ndarray, int]:
