@@ -56,8 +56,12 @@ def test_lookahead_changes_no_logit(et_artifact, plain_artifact, slots) -> None:
         # absent and an LRU slot is free (2 here: a hint is often evicted before its use)
         assert 0 < s["prefetched"] <= 3 * 2 * GEN
         assert s["prefetch_used"] > 0
-    elif slots == 4:  # one LRU slot, held by the layer that hints: no room to read ahead
-        assert s["prefetched"] == 0
+    elif slots == 4:
+        # one LRU slot, mostly held by the layer that hints: a hint is read only when the slot
+        # happens to be idle (how often depends on the I/O thread's timing), at most one per
+        # hinting layer and token
+        assert s["prefetched"] <= 3 * GEN
+        assert s["prefetch_used"] <= s["prefetched"]
 
 
 def test_runner_counts_the_hints(et_artifact) -> None:
