@@ -30,11 +30,11 @@ def load(backend: str, model: str, threads: int | None = None, expert_cache: str
         m = load_model(model, dtype=torch.float32)
         return m, m.config.vocab_size
     if backend == "onnx":
-        from ossedge.runtime.onnx import OnnxModel
+        from ossedge.targets.onnx.runner import OnnxModel
 
         m = OnnxModel(model, threads=threads)
         return m, m.config.vocab_size
-    from ossedge.runtime.artifacts import open_artifact
+    from ossedge.targets import open_artifact
 
     from ossedge.runtime.expert_cache import parse_option
 

@@ -30,7 +30,8 @@ STRUCTURE = r"""
 import json, sys, time
 from ossedge.benchmarks.rss import proc_status
 from ossedge.runtime.checkpoint import open_checkpoint
-from ossedge.runtime.coreml import CoreMLModel, check_structure
+from ossedge.targets.coreml.runner import CoreMLModel
+from ossedge.targets.coreml.checks import check_structure
 from ossedge.runtime.quantized import QuantizedView
 root, ckpt = sys.argv[1], sys.argv[2]
 t0 = time.perf_counter()

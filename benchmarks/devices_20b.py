@@ -30,7 +30,7 @@ GB = 1e9
 RUN = r"""
 import json, resource, sys, time, torch
 from ossedge.benchmarks.rss import proc_status
-from ossedge.runtime.executorch import ExecuTorchModel
+from ossedge.targets.executorch.runner import ExecuTorchModel
 root, n_prompt, n_gen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_majflt

@@ -32,7 +32,7 @@ GB = 1e9
 RUN = r"""
 import json, sys, time, torch
 from ossedge.benchmarks.rss import proc_status
-from ossedge.runtime.artifacts import open_artifact
+from ossedge.targets import open_artifact
 root, n_prompt, n_gen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 t0 = time.perf_counter()
 model = open_artifact(root)

@@ -40,7 +40,7 @@ def native_runner() -> Path:
 
 def describe_model(path: Path, backend: str) -> dict[str, Any]:
     """What is benchmarked: format, recipe, context and the manifest's sha256."""
-    from ossedge.runtime.artifacts import artifact_format
+    from ossedge.targets import artifact_format
 
     kind = artifact_format(path)
     want = {"reference": None, "executorch": "executorch", "coreml": "coreml", "onnx": "onnx"}[
@@ -200,7 +200,7 @@ def run_bench(
     transport = open_transport(device, memory_limit=limit)
     files = {"model": model}
     if runner == "native":
-        from ossedge.runtime.executorch import kernel_library
+        from ossedge.targets.executorch.library import kernel_library
 
         binary = Path(runner_bin) if runner_bin else native_runner()
         if not binary.is_file():

@@ -105,7 +105,7 @@ def main() -> None:
     from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
     from ossedge.runtime.errors import KernelError
-    from ossedge.runtime.executorch import load_kernels, set_kernel_isa
+    from ossedge.targets.executorch.library import load_kernels, set_kernel_isa
     from ossedge.targets.executorch import ops  # noqa: F401  (registers the operators)
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -67,7 +67,7 @@ def run_one(artifact: Path, mode: str, limit_gib: int | None, a, out: Path) -> d
     from ossedge.benchmarks.harness import native_runner, prompt_ids
     from ossedge.benchmarks.limits import evict
     from ossedge.benchmarks.transports import LocalTransport
-    from ossedge.runtime.executorch import kernel_library
+    from ossedge.targets.executorch.library import kernel_library
 
     manifest = json.loads((artifact / "manifest.json").read_text())
     store = manifest["experts"]["store"]

@@ -36,8 +36,8 @@ def _ossedge(*args: str) -> None:
 def old_rule(root: Path, reference: Path, tolerance: float) -> dict:
     """The rule before routing was matched: rel_err_p90 against the same-recipe reference routed
     on its own, linear layers' inputs in float."""
-    from ossedge.runtime import verify as v
-    from ossedge.runtime.artifacts import open_artifact
+    from ossedge.convert import verify as v
+    from ossedge.targets import open_artifact
     from ossedge.runtime.checkpoint import open_checkpoint
     from ossedge.runtime.evaluate import default_text
     from ossedge.runtime.model import build_model
@@ -59,7 +59,7 @@ def old_rule(root: Path, reference: Path, tolerance: float) -> dict:
 
 def main() -> None:
     from ossedge.assets import default_model_dir
-    from ossedge.runtime.verify import verify_artifact
+    from ossedge.convert.verify import verify_artifact
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=20)

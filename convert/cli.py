@@ -152,6 +152,7 @@ def eval_(model, reference, text, window, max_tokens, dtype, expert_cache, cache
     MODEL is a checkpoint, quantized checkpoint or artifact; an artifact is scored in one-token
     (decode) calls."""
     from ossedge.runtime.evaluate import describe, evaluate
+    from ossedge.targets import artifact_format
     from ossedge.runtime.quantized import sha256_file
 
     body, label = read_text(text)
@@ -181,7 +182,8 @@ def eval_(model, reference, text, window, max_tokens, dtype, expert_cache, cache
         raise click.BadParameter(f"{window} tokens do not fit {model}'s context of {context}; "
                                  f"give --window {context} or less", param_hint="--window")  # fmt: skip
     r = evaluate(mdl, ref, ids, window=window, progress=_progress())
-    result = {"model": describe(model), "reference": describe(reference), "text": label, **r}
+    result = {"model": describe(model, artifact_format(model)),
+              "reference": describe(reference, artifact_format(reference)), "text": label, **r}
     stats = getattr(mdl, "expert_cache_stats", lambda: None)()
     if stats:
         looked = stats["hits"] + stats["misses"]
@@ -407,7 +409,7 @@ def verify(artifact, reference, tokens, tolerance, as_json) -> None:
     For a bundle (`ossedge bundle`): checks its contract version and every file's size and
     sha256; exit 1 naming the first file that is missing, truncated or altered."""
     from ossedge.runtime.errors import ParityError
-    from ossedge.runtime.verify import failure, verify_artifact
+    from ossedge.convert.verify import failure, verify_artifact
     from ossedge.targets.bundle import is_bundle, verify_bundle
 
     if is_bundle(artifact):

@@ -40,8 +40,8 @@ def _model_path(ckpt: Path | None) -> Path:
 
 
 def _tokenizer_dir(ckpt: Path) -> Path:
-    from ossedge.runtime.artifacts import artifact_format
     from ossedge.runtime.checkpoint import detect_layout
+    from ossedge.targets import artifact_format
 
     if artifact_format(ckpt):
         return ckpt
@@ -55,12 +55,11 @@ def _load(ckpt: Path, dtype: str, *, verify: bool = False, expert_cache: str = "
     """(model, tokenizer) of a checkpoint, quantized checkpoint or artifact (ExecuTorch, or Core
     ML on macOS). `routing`: (--cache-aware-routing, --routing-pool) for ExecuTorch."""
     from ossedge.runtime import load_model
-    from ossedge.runtime.artifacts import artifact_format, open_artifact
-    from ossedge.runtime.executorch import is_artifact
     from ossedge.runtime.tokenizer import Tokenizer
+    from ossedge.targets import looks_like_artifact, open_artifact
 
     keep, pool = routing
-    if is_artifact(ckpt) or artifact_format(ckpt):
+    if looks_like_artifact(ckpt):
         model = open_artifact(ckpt, checksums=verify, expert_cache=_cache_option(expert_cache),
                               cache_aware_routing=keep, routing_pool=pool)  # fmt: skip
         return model, Tokenizer.from_dir(ckpt)

@@ -123,18 +123,17 @@ def window_logits(model: Any, x: torch.Tensor) -> torch.Tensor:
                         for i in range(x.shape[1] - 1)])  # fmt: skip
 
 
-def describe(path: str | Path) -> dict[str, Any]:
-    """What a model path is, for the report: layout and, when quantized, the recipe."""
-    from ossedge.runtime.artifacts import artifact_format
+def describe(path: str | Path, artifact: str | None = None) -> dict[str, Any]:
+    """What a model path is, for the report: layout and, when quantized, the recipe. `artifact`:
+    the target name when `path` is an artifact (its manifest gives the recipe)."""
     from ossedge.runtime.checkpoint import detect_layout
     from ossedge.runtime.quantized import read_manifest
 
-    kind = artifact_format(path)
-    if kind:
+    if artifact:
         import json
 
         recipe = json.loads((Path(path) / "manifest.json").read_text()).get("recipe")
-        return {"path": str(path), "layout": f"{kind} artifact", "recipe": recipe}
+        return {"path": str(path), "layout": f"{artifact} artifact", "recipe": recipe}
     root, layout = detect_layout(path)
     out: dict[str, Any] = {"path": str(path), "layout": layout}
     if layout == "quantized":

@@ -17,10 +17,12 @@ from typing import Any
 
 from ossedge.runtime.errors import ArtifactError, OssedgeError
 from ossedge.runtime.quantized import sha256_file as _sha256
+from ossedge.targets import TARGETS, target_of
 
 FORMAT = "ossedge-bundle"
 CONTRACT_VERSION = 1
-PLATFORMS = {"android": ("executorch", "onnx"), "ios": ("coreml", "executorch", "onnx")}
+# platform → the targets a bundle for it may carry (the registry says where each target runs)
+PLATFORMS = {p: tuple(t.name for t in TARGETS.values() if p in t.platforms) for p in ("android", "ios")}
 MANIFEST = "manifest.json"
 
 
@@ -45,25 +47,13 @@ def _place(src: Path, dst: Path) -> None:
 
 def _artifact(path: Path) -> tuple[str, dict[str, Any]]:
     """(target, manifest) of an artifact directory, its files' presence and sizes checked."""
-    from ossedge.runtime.artifacts import artifact_format
-
-    kind = artifact_format(path)
-    if kind == "executorch":
-        from ossedge.runtime.executorch import read_artifact_manifest
-
-        return kind, read_artifact_manifest(path)
-    if kind == "coreml":
-        from ossedge.runtime.coreml import read_manifest
-
-        return kind, read_manifest(path)
-    if kind == "onnx":
-        from ossedge.runtime.onnx import read_manifest as read_onnx
-
-        return kind, read_onnx(path)
-    raise ArtifactError(
-        f"{path}: not an ossedge artifact (no ExecuTorch, Core ML or ONNX manifest.json); make "
-        "one with `ossedge convert`"
-    )
+    target = target_of(path)
+    if target is None:
+        raise ArtifactError(
+            f"{path}: not an ossedge artifact (no {', '.join(t.title for t in TARGETS.values())} "
+            "manifest.json); make one with `ossedge convert`"
+        )
+    return target.name, target.read_manifest(path)
 
 
 def _glue_files(platform: str) -> dict[str, bytes]:
@@ -120,8 +110,9 @@ def make_bundle(
 ) -> dict[str, Any]:
     """Write the bundle `out` (atomically) for `platform` from artifact directories; return its
     manifest. Every artifact file's sha256 is checked against its own manifest on the way."""
-    from ossedge import __version__
     from ossedge.runtime.atomic import atomic_dir, check_output
+
+    from ossedge import __version__
 
     if platform not in PLATFORMS:
         raise OssedgeError(f"unknown platform {platform!r}; choose one of {', '.join(PLATFORMS)}")

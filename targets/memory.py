@@ -214,7 +214,7 @@ def onnx_footprint(cfg: GptOssConfig, recipe: str, context: int, *, host: str = 
     """Predicted peak memory of an ONNX artifact in ONNX Runtime with prepacking off: every weight
     stays in the memory-mapped model.onnx.data (checked: a 410 MB initializer adds 8 MB of RSS);
     the KV buffers, a prefill chunk's logits and GroupQueryAttention's scores are heap."""
-    from ossedge.runtime.onnx import PREFILL_CHUNK as p  # tokens per call
+    from ossedge.targets.onnx.runner import PREFILL_CHUNK as p  # tokens per call
 
     w = onnx_weights(cfg, recipe)
     f = Footprint("onnx", recipe, context, host)

@@ -280,7 +280,7 @@ def predicted_rows(measured: dict[str, Any]) -> list[dict[str, Any]]:
 def artifact_settings(path: str | Path | None) -> dict[str, Any]:
     """For an ossedge artifact: its target, recipe and context (what `plan` evaluates by
     default); {} for anything else."""
-    from ossedge.runtime.artifacts import artifact_format
+    from ossedge.targets import artifact_format
 
     if path is None or not artifact_format(path):
         return {}

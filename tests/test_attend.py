@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ossedge.runtime.executorch import load_kernels
+from ossedge.targets.executorch.library import load_kernels
 from ossedge.targets.executorch import ops
 
 NEG = float("-inf")

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from steps import greedy_steps
 
 from ossedge.assets import default_model_dir
-from ossedge.runtime.executorch import ExecuTorchModel, _loaded
+from ossedge.targets.executorch.runner import ExecuTorchModel
+from ossedge.targets.executorch.library import _loaded
 from ossedge.runtime.expert_cache import CacheOptionError, route, routing_pool, store_of
 
 

@@ -16,10 +16,11 @@ from clitools import assert_one_line_error, run
 
 from ossedge.assets import default_model_dir
 from ossedge.quantize.qtensor import QTensor
-from ossedge.runtime.verify import verify_artifact
+from ossedge.convert.verify import verify_artifact
 from ossedge.runtime.checkpoint import open_checkpoint
-from ossedge.runtime.coreml import CoreMLArtifactError, CoreMLModel, check_structure
-from ossedge.runtime.mil import MilError, MilPackage, quiet_coremltools, unpack_bits
+from ossedge.targets.coreml.runner import CoreMLArtifactError, CoreMLModel
+from ossedge.targets.coreml.checks import check_structure
+from ossedge.targets.coreml.interpreter import MilError, MilPackage, quiet_coremltools, unpack_bits
 from ossedge.runtime.model import build_model, rms_norm, rope_tables
 from ossedge.runtime.quantized import QuantizedView, sha256_file
 from ossedge.targets.coreml.convert import CoreMLExportError, convert
@@ -312,7 +313,7 @@ def test_dropped_state_write_is_caught(art26, tmp_path):
 def test_structure_checks_flag_gathers_and_rereads(tmp_path):
     """A gather over a compressed weight (Core ML would expand all experts at load) and a state
     read after its write (coremltools merges it with the read before the write)."""
-    from ossedge.runtime.coreml import _compressed_gathers, _state_discipline
+    from ossedge.targets.coreml.checks import _compressed_gathers, _state_discipline
 
     idx = np.zeros((4, 8), dtype=types.np_uint4_dtype)
 
@@ -410,7 +411,7 @@ def test_prediction_needs_macos_or_the_interpreter(art26):
 
 def test_quantized_weight_storage_is_exact_for_int_formats():
     """int4 codes and int8 codes are stored as they are (data = code - 8 for int4)."""
-    from ossedge.targets.coreml.mil import compressed_parts
+    from ossedge.targets.coreml.builder import compressed_parts
 
     src = QuantizedView(open_checkpoint(default_model_dir()), "mobile")
     w = src.weight("model.layers.0.self_attn.q_proj.weight")

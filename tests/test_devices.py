@@ -114,7 +114,7 @@ def test_kv_and_activation_formula_matches_the_planned_arena(et_artifact: Path) 
 RSS_RUN = r"""
 import json, sys, torch
 from ossedge.benchmarks.rss import proc_status
-from ossedge.runtime.executorch import ExecuTorchModel
+from ossedge.targets.executorch.runner import ExecuTorchModel
 m = ExecuTorchModel(sys.argv[1])
 c = m.new_cache()
 m(torch.randint(0, 4000, (1, 150)), cache=c)

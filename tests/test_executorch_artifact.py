@@ -15,14 +15,10 @@ import torch
 from clitools import assert_one_line_error, run
 
 from ossedge.assets import default_model_dir
-from ossedge.runtime.verify import verify_artifact
+from ossedge.convert.verify import verify_artifact
 from ossedge.runtime.checkpoint import open_checkpoint
 from ossedge.runtime.evaluate import default_text
-from ossedge.runtime.executorch import (
-    TOLERANCE_QUANTIZED,
-    ArtifactError,
-    ExecuTorchModel,
-)
+from ossedge.targets.executorch.runner import TOLERANCE_QUANTIZED, ArtifactError, ExecuTorchModel
 from ossedge.runtime.model import build_model
 from ossedge.runtime.quantized import QuantizedView
 from ossedge.runtime.tokenizer import Tokenizer
@@ -274,7 +270,8 @@ def test_convert_bad_inputs(tmp_path):
 
 LLM_RUNNER_SCRIPT = r"""
 import sys
-from ossedge.runtime.executorch import load_kernels, quiet_imports
+from ossedge.targets.executorch.library import load_kernels
+from ossedge.targets.base import quiet_imports
 quiet_imports()
 load_kernels()
 from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner

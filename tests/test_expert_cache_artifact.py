@@ -16,7 +16,7 @@ from clitools import assert_one_line_error, run
 from steps import greedy_steps
 
 from ossedge.runtime.errors import ArtifactError, BudgetError
-from ossedge.runtime.executorch import ExecuTorchModel
+from ossedge.targets.executorch.runner import ExecuTorchModel
 from ossedge.runtime.expert_cache import CacheOptionError, parse_option, resolve, store_of
 from ossedge.targets.executorch.pack import HEADER_BYTES, read_header
 

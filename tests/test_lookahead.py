@@ -16,7 +16,7 @@ from steps import greedy_steps
 
 from ossedge.assets import default_model_dir
 from ossedge.runtime.errors import OssedgeError
-from ossedge.runtime.executorch import ExecuTorchModel
+from ossedge.targets.executorch.runner import ExecuTorchModel
 from ossedge.runtime.expert_cache import store_of
 from ossedge.targets.executorch.export import convert
 

@@ -19,7 +19,7 @@ import torch
 
 from ossedge.quantize.qtensor import encode
 from ossedge.runtime.errors import KernelError
-from ossedge.runtime.executorch import kernel_isa, load_kernels, set_kernel_isa
+from ossedge.targets.executorch.library import kernel_isa, load_kernels, set_kernel_isa
 from ossedge.targets.executorch import ops  # noqa: F401  (registers the operators)
 
 LIMIT, ALPHA = 7.0, 1.702
@@ -188,7 +188,7 @@ def test_an_unavailable_isa_is_refused() -> None:
 
 def test_missing_library_is_a_clear_error(tmp_path: Path) -> None:
     code = (
-        "from ossedge.runtime.executorch import load_kernels\n"
+        "from ossedge.targets.executorch.runner import load_kernels\n"
         "from ossedge.runtime.errors import KernelError, OssedgeError\n"
         "try:\n    load_kernels()\n"
         "except KernelError as e:\n    print(isinstance(e, OssedgeError), e)\n"

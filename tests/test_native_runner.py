@@ -13,7 +13,7 @@ import torch
 from clitools import assert_one_line_error
 
 from ossedge.assets import default_model_dir
-from ossedge.runtime.executorch import ExecuTorchModel
+from ossedge.targets.executorch.runner import ExecuTorchModel
 from ossedge.targets.executorch.export import convert
 
 ROOT = Path(__file__).resolve().parents[1]

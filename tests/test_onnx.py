@@ -15,12 +15,12 @@ import torch
 from clitools import assert_one_line_error, run
 
 from ossedge.assets import default_model_dir
-from ossedge.runtime.artifacts import open_artifact
+from ossedge.targets import open_artifact
 from ossedge.runtime.checkpoint import open_checkpoint
 from ossedge.runtime.errors import ArtifactError
 from ossedge.runtime.evaluate import default_text
 from ossedge.runtime.model import build_model
-from ossedge.runtime.onnx import OnnxModel
+from ossedge.targets.onnx.runner import OnnxModel
 from ossedge.runtime.quantized import QuantizedView
 from ossedge.runtime.tokenizer import Tokenizer
 from ossedge.targets.onnx.export import convert

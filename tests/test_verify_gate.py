@@ -1,4 +1,4 @@
-"""The gate every conversion ends with (runtime/verify.py) against both kinds of error: it must
+"""The gate every conversion ends with (convert/verify.py) against both kinds of error: it must
 refuse deliberately wrong exports (exit 3, nothing written) and accept valid ones whose int8
 noise flips a router's choice (the seed sweep, benchmarks/verify_sweep.py, covers many seeds)."""
 
@@ -15,7 +15,7 @@ import ossedge.targets.executorch.model as et_model
 import ossedge.targets.source as source_module
 from ossedge.convert.cli import main
 from ossedge.quantize.qtensor import QTensor
-from ossedge.runtime import verify
+from ossedge.convert import verify
 from ossedge.runtime.routing import Routing
 
 

@@ -25,12 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from ossedge.quantize.qtensor import QTensor
 from ossedge.runtime.errors import OssedgeError
+from ossedge.targets.coreml import CONTRACT_VERSION, FORMAT
 
-FORMAT = "ossedge-coreml"
-CONTRACT_VERSION = 1
 MANIFEST, TOKENIZER, EMBEDDING = "manifest.json", "tokenizer.json", "embedding.safetensors"
 TARGETS = ("ios18", "ios26")
 DEFAULT_TARGET = "ios26"
@@ -120,7 +118,7 @@ def _attention_weights(source, layer: int) -> dict[str, Any]:
 
 
 def build_function(source, f: Function, context: int, opset, cache: dict) -> Callable:
-    from ossedge.targets.coreml import mil
+    from ossedge.targets.coreml import builder as mil
 
     cfg = source.config
     if f.kind == "attention":
@@ -183,7 +181,7 @@ def write_embedding(source, path: Path) -> dict[str, Any]:
 
 def check_expert_scales(source) -> int:
     """Blocks of MXFP4 experts whose values fp16 cannot hold exactly (0 for gpt-oss)."""
-    from ossedge.targets.coreml.mil import EXACT_FP16_SCALES
+    from ossedge.targets.coreml.builder import EXACT_FP16_SCALES
 
     cfg = source.config
     lo, hi = EXACT_FP16_SCALES
@@ -217,14 +215,14 @@ def convert(
 ) -> dict[str, Any]:
     """Convert a checkpoint into a Core ML artifact directory `out` (atomically); verify it with
     the MIL interpreter unless `verify_tokens` is 0. Returns the manifest."""
+    from ossedge.runtime.atomic import atomic_dir, check_output
+    from ossedge.runtime.quantized import sha256_file
+    from ossedge.runtime.tokenizer import Tokenizer
+    from ossedge.targets.coreml.interpreter import MilPackage, quiet_coremltools
+    from ossedge.targets.source import SourceError, weight_source
     from tqdm import tqdm
 
     from ossedge import __version__
-    from ossedge.runtime.atomic import atomic_dir, check_output
-    from ossedge.runtime.quantized import sha256_file
-    from ossedge.runtime.mil import MilPackage, quiet_coremltools
-    from ossedge.runtime.tokenizer import Tokenizer
-    from ossedge.targets.source import SourceError, weight_source
 
     quiet_coremltools()
     out = Path(out)
@@ -325,7 +323,7 @@ def convert(
         manifest["convert"] = {"seconds": timings["total"], "stages_s": timings}
         write_manifest(tmp, manifest)
         if verify_tokens != 0:
-            from ossedge.runtime.verify import verify_into_manifest
+            from ossedge.convert.verify import verify_into_manifest
 
             verify_into_manifest(tmp, ckpt_path, manifest, write_manifest, tokens=verify_tokens,
                                  progress=progress)

@@ -18,22 +18,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-
 from ossedge.quantize.qtensor import INT4_GROUP, QTensor
 from ossedge.runtime.errors import OssedgeError
-from ossedge.runtime.executorch import quiet_imports
-from ossedge.targets.executorch import ptd
+from ossedge.targets.base import quiet_imports
+from ossedge.targets.executorch import CONTRACT_VERSION, FORMAT, ptd
 from ossedge.targets.executorch.model import (
     PACKED_BUFFER,
     ExportableGptOss,
     expert_constants,
     packed_layer,
 )
+from torch import nn
 
 # 2: one packed uint8 tensor per layer holding each expert as one extent (pack.py), read by
 # ossedge::moe_*_packed; version-1 artifacts (four stacked tensors per layer) still run.
-CONTRACT_VERSION = 2
 PTE, PTD, TOKENIZER, MANIFEST = "model.pte", "model.ptd", "tokenizer.json", "manifest.json"
 DATA_TAG = "model"  # the data file every external constant goes to (model.ptd)
 
@@ -49,6 +47,8 @@ def xnnpack_linear(w: torch.Tensor | QTensor, b: torch.Tensor | None) -> nn.Modu
     quiet_imports()
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
         IntxUnpackedToInt8Tensor,
+    )
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
         IntxUnpackedToInt8TensorActivationQuantization as ActQuant,
     )
 
@@ -267,12 +267,12 @@ def convert(
     lookahead = contract >= 2 if lookahead is None else lookahead
     import time
 
-    from tqdm import tqdm
-
-    from ossedge import __version__
     from ossedge.runtime.atomic import atomic_dir, check_output
     from ossedge.runtime.quantized import sha256_file
     from ossedge.runtime.tokenizer import Tokenizer
+    from tqdm import tqdm
+
+    from ossedge import __version__
 
     out = Path(out)
     check_output(out, force=force)
@@ -331,7 +331,7 @@ def convert(
         bar.close()
         shutil.copyfile(Path(tokenizer.source), tmp / TOKENIZER)
         manifest: dict[str, Any] = {
-            "format": "ossedge-executorch",
+            "format": FORMAT,
             "contract_version": contract,
             "ossedge_version": __version__,
             "files": {
@@ -355,7 +355,7 @@ def convert(
         }
         manifest_json(tmp, manifest)
         if verify_tokens != 0:
-            from ossedge.runtime.verify import verify_into_manifest
+            from ossedge.convert.verify import verify_into_manifest
 
             verify_into_manifest(tmp, ckpt_path, manifest, manifest_json, tokens=verify_tokens,
                                  progress=progress)

@@ -29,11 +29,10 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from ossedge.quantize.qtensor import QTensor
 from ossedge.runtime.errors import OssedgeError
+from ossedge.targets.onnx import CONTRACT_VERSION, FORMAT
 
-CONTRACT_VERSION = 1
 MODEL, DATA, TOKENIZER, MANIFEST, GENAI = (
     "model.onnx", "model.onnx.data", "tokenizer.json", "manifest.json", "genai_config.json"
 )
@@ -178,9 +177,8 @@ def build_graph(source, out: Path, max_context: int, progress: bool) -> dict[str
     """Write model.onnx and model.onnx.data into `out`; returns facts for the manifest."""
     import onnx
     from onnx import TensorProto, helper
-    from tqdm import tqdm
-
     from ossedge.runtime.model import rope_tables
+    from tqdm import tqdm
 
     cfg = source.config
     kv, d, hq = cfg.num_key_value_heads, cfg.head_dim, cfg.num_attention_heads
@@ -282,7 +280,7 @@ def genai_config(cfg, max_context: int) -> dict[str, Any]:
     decoder = {
         # ONNX Runtime's default, prepacking on: the weights are repacked into its heap at load,
         # an order of magnitude faster than running them from the mapped file (OnnxModel's
-        # default; see runtime/onnx.py)
+        # default; see targets/onnx/runner.py)
         "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
         "filename": MODEL,
         "head_size": cfg.head_dim,
@@ -338,11 +336,12 @@ def convert(
 ) -> dict[str, Any]:
     """Convert a checkpoint into an ONNX artifact directory `out` (atomically); verify it against
     the checkpoint unless `verify_tokens` is 0. Returns the manifest."""
-    from ossedge import __version__
     from ossedge.runtime.atomic import atomic_dir, check_output
     from ossedge.runtime.quantized import sha256_file
     from ossedge.runtime.tokenizer import Tokenizer
     from ossedge.targets.executorch.export import manifest_json, weight_source
+
+    from ossedge import __version__
 
     out = Path(out)
     check_output(out, force=force)
@@ -363,7 +362,7 @@ def convert(
         files = (MODEL, DATA, TOKENIZER, TOKENIZER_CONFIG, GENAI)
         bits = facts["expert_bits"]
         manifest = {
-            "format": "ossedge-onnx",
+            "format": FORMAT,
             "contract_version": CONTRACT_VERSION,
             "ossedge_version": __version__,
             "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)}
@@ -384,7 +383,7 @@ def convert(
         }
         manifest_json(tmp, manifest)
         if verify_tokens != 0:
-            from ossedge.runtime.verify import verify_into_manifest
+            from ossedge.convert.verify import verify_into_manifest
 
             verify_into_manifest(tmp, ckpt_path, manifest, manifest_json, tokens=verify_tokens,
                                  progress=progress)

@@ -17,19 +17,9 @@ import numpy as np
 import torch
 from ossedge.runtime.errors import ArtifactError
 from ossedge.runtime.routing import Routing, concat_calls, from_logits
+from ossedge.targets.onnx import TARGET
 
-ARTIFACT_FORMAT = "ossedge-onnx"
-SUPPORTED_CONTRACT = 1
-FILES = ("model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json",
-         "genai_config.json")
 PREFILL_CHUNK = 128  # tokens per call when feeding a long prompt (bounds the logits' memory)
-
-
-def read_manifest(root: Path, *, checksums: bool = False) -> dict:
-    from ossedge.runtime.artifacts import read_manifest as read
-
-    return read(root, fmt=ARTIFACT_FORMAT, what="ONNX", contract=SUPPORTED_CONTRACT, files=FILES,
-                checksums=checksums)
 
 
 @dataclass
@@ -59,7 +49,7 @@ class OnnxModel:
         import onnxruntime as ort
 
         self.root = Path(root)
-        self.manifest = m = read_manifest(self.root, checksums=checksums)
+        self.manifest = m = TARGET.read_manifest(self.root, checksums=checksums)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
         opts.inter_op_num_threads = 1
@@ -157,7 +147,7 @@ class OnnxModel:
     def __call__(
         self, input_ids: torch.Tensor, *, cache: OnnxCache | None = None, last_only: bool = True
     ) -> torch.Tensor:
-        from ossedge.runtime.artifacts import check_call
+        from ossedge.targets.base import check_call
 
         t = check_call(input_ids, cache, "an ONNX")
         ids = input_ids.to(torch.long).numpy()

@@ -26,7 +26,6 @@ import math
 
 import numpy as np
 import torch
-
 from ossedge.quantize import mxfp4
 from ossedge.quantize.intq import unpack_nibbles
 from ossedge.quantize.qtensor import INT4_GROUP, QTensor

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from ossedge.runtime.errors import OssedgeError
 
 BLOB_SENTINEL = 0xDEADBEEF
@@ -65,7 +64,7 @@ def quiet_coremltools() -> None:
     import logging
     import warnings
 
-    from ossedge.runtime.executorch import quiet_imports
+    from ossedge.targets.base import quiet_imports
 
     quiet_imports()
     logging.getLogger("coremltools").setLevel(logging.ERROR)

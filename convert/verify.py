@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import torch
-from ossedge.runtime.artifacts import open_artifact
 from ossedge.runtime.checkpoint import open_checkpoint
 from ossedge.runtime.errors import ArtifactError, ParityError
 from ossedge.runtime.evaluate import default_text, token_metrics
@@ -41,43 +40,40 @@ from ossedge.runtime.model import GptOssModel, build_model
 from ossedge.runtime.quantized import QuantizedCheckpoint, QuantizedView
 from ossedge.runtime.routing import Routing
 from ossedge.runtime.tokenizer import Tokenizer
+from ossedge.targets import TARGETS, open_artifact
 from tqdm import tqdm
+
+
+def _target(manifest: dict):
+    t = next((t for t in TARGETS.values() if t.format == manifest.get("format")), None)
+    if t is None:
+        raise ArtifactError(f"not an ossedge artifact manifest (format {manifest.get('format')!r})")
+    return t
 
 
 def default_tolerance(manifest: dict, linears: str = "float") -> float:
     """The rel_err allowed against the reference with the same recipe, which rounds what the
-    artifact rounds (`linears`: the linear layers' activations): float linears and the int8 expert
-    inputs are matched to float rounding; int8 linear inputs, matched too, still land differently on
-    a rounding boundary now and then; Core ML computes in fp16."""
-    from ossedge.runtime.coreml import TOLERANCE_FP16
-    from ossedge.runtime.executorch import TOLERANCE_FLOAT, TOLERANCE_QUANTIZED
-
-    if manifest["format"] == "ossedge-coreml":
-        return TOLERANCE_FP16
-    return TOLERANCE_FLOAT if linears == "float" else TOLERANCE_QUANTIZED
+    artifact rounds (`linears`: the linear layers' activations): the target's bound (float linears
+    and the int8 expert inputs are matched to float rounding; int8 linear inputs, matched too,
+    still land differently on a rounding boundary now and then; Core ML computes in fp16)."""
+    return _target(manifest).tolerance(manifest, linears)
 
 
 def expert_activations(manifest: dict) -> str:
-    """How the artifact's expert kernels take their inputs: ExecuTorch's ossedge::moe_* round
-    them to int8 per block of 32 ("int8-b32"); Core ML keeps them in its compute precision."""
+    """How the artifact's expert kernels take their inputs, as its manifest records it, else as
+    its target rounds them (ExecuTorch's ossedge::moe_* to int8 per block of 32: "int8-b32")."""
     experts = manifest.get("experts")
     if isinstance(experts, dict) and "activations" in experts:
         return experts["activations"]
-    return "int8-b32" if manifest.get("format") == "ossedge-executorch" else "float"
+    return _target(manifest).expert_activations(manifest)
 
 
 def linear_activations(manifest: dict, model=None) -> str:
     """How the artifact's quantized linear layers take their inputs (model.linear_rounding):
     XNNPACK's int8 per token ("int8-asym-token"); ONNX Runtime's MatMulNBits int8 per block of 32
-    ("int8-b32") once it may prepack its weights (`OnnxModel.prepack`), float without; float in Core
-    ML and wherever the recipe keeps the linears float."""
-    if manifest.get("recipe") == "native":
-        return "float"
-    if manifest.get("format") == "ossedge-executorch":
-        return "int8-asym-token"
-    if manifest.get("format") == "ossedge-onnx" and getattr(model, "prepack", False):
-        return "int8-b32"
-    return "float"
+    ("int8-b32") once it may prepack its weights, float without; float in Core ML and wherever the
+    recipe keeps the linears float."""
+    return _target(manifest).linear_activations(manifest, model)
 
 
 def verify_into_manifest(root: Path, ckpt_path, manifest: dict, write, *, tokens, progress):
@@ -253,20 +249,15 @@ def verify_artifact(
         "tolerance": tol,
         "linear_activations": linears,
         "recipe": recipe,
-        "target": manifest["format"].removeprefix("ossedge-"),
+        "target": _target(manifest).name,
     }
     if free_routing:
         free = _rel_errors(art, _reference(same, x, None)[0][steps])
         result["free_routing"] = {"rel_err": free[-1].item(), "rel_err_p90": _p90(free),
                                   "passed": _p90(free) <= tol}  # fmt: skip
-    if manifest["format"] == "ossedge-coreml":
-        from ossedge.runtime.coreml import check_structure
-
-        result["structure"] = check_structure(model, same_source)
-    elif manifest["format"] == "ossedge-executorch" and manifest.get("contract_version") == 2:
-        from ossedge.runtime.executorch import check_structure
-
-        result["structure"] = check_structure(root, manifest, same_source)
+    structure = _target(manifest).check_structure(model, same_source)
+    if structure is not None:
+        result["structure"] = structure
     result["passed"] = failure(result) is None
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
