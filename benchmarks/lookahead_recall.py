@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
 from ossedge.assets import default_model_dir
-from ossedge.convert.cli_common import read_text
 from ossedge.runtime import load_model
+from ossedge.runtime.evaluate import default_text
 from ossedge.runtime.model import linear, rms_norm
 from ossedge.runtime.tokenizer import Tokenizer
 
@@ -64,7 +65,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=1024)
     a = p.parse_args()
     path = a.model or str(default_model_dir())
-    body, label = read_text(a.text)
+    body, label = default_text() if a.text is None else (Path(a.text).read_text("utf-8"), a.text)
     ids = Tokenizer.from_dir(path).encode(body)[: a.tokens]
     model = load_model(path, dtype=torch.float32)
     per_layer = recall(model, ids)

@@ -1,1 +1,1 @@
-"""ossedge.convert."""
+"""ossedge.convert: the conversion pipeline every target goes through, and verify."""

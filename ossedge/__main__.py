@@ -1,3 +1,3 @@
-from ossedge.convert.cli import main
+from ossedge.cli.main import main
 
 main()

@@ -21,6 +21,8 @@ from typing import Any
 
 from ossedge.runtime.errors import ConfigError
 
+# The KV cache length conversions and plans take when none is given (at most the model's).
+DEFAULT_CONTEXT = 4096
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 

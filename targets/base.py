@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,13 +33,14 @@ class ArtifactModel(Protocol):
 class Target:
     """One deployment target: its artifact contract and what the rest of ossedge calls it for.
 
-    `convert(checkpoint, out, **options)` writes an artifact and returns its manifest;
-    `open(root, **options)` returns an ArtifactModel (`open_options` names what it takes beyond
+    The heavy parts are named, not imported ("module:function"), so that the registry loads no
+    backend: `check_options`, `prepare`, `write` and `summary` are its part of a conversion (see
+    convert/pipeline.py; `convert_options` names the options it takes); `open(root, **options)` returns an ArtifactModel (`open_options` names what it takes beyond
     `checksums`); `footprint(cfg, recipe, context, **kw)` is the memory model's Footprint;
-    `tolerance(manifest, linears)` verify's default rel_err bound; `expert_activations(manifest)`
-    and `linear_activations(manifest, model)` how its kernels round their inputs (the reference
-    verify builds rounds the same); `check_structure(model, source)` what verify reads from the
-    artifact's files (a dict, or None where the contract has nothing to read)."""
+    `check_structure(model, source)` what verify reads from the artifact's files (a dict, or None
+    where the contract has nothing to read). `tolerance(manifest, linears)` is verify's default
+    rel_err bound; `expert_activations(manifest)` and `linear_activations(manifest, model)` say
+    how its kernels round their inputs (the reference verify builds rounds the same)."""
 
     name: str
     title: str  # in messages: "ExecuTorch"
@@ -47,15 +49,32 @@ class Target:
     reads: tuple[int, ...]  # the contract versions this ossedge reads
     files: tuple[str, ...] | None  # the files every artifact has (None: those its manifest lists)
     platforms: tuple[str, ...]  # app platforms a bundle may carry it to
-    convert: Callable[..., dict]
-    open: Callable[..., ArtifactModel]
-    footprint: Callable[..., Any]
+    hooks: dict[str, str]  # check_options, prepare, write, summary, open, footprint, check_structure
     tolerance: Callable[[dict, str], float]
     expert_activations: Callable[[dict], str]
     linear_activations: Callable[[dict, Any], str]
-    check_structure: Callable[[Any, Any], dict | None]
     error: type[ArtifactError] = ArtifactError
     open_options: frozenset[str] = field(default_factory=frozenset)
+    convert_options: frozenset[str] = field(default_factory=frozenset)
+    device_plans: bool = True  # `convert --device` sizes its artifacts for a device profile
+
+    def hook(self, name: str) -> Callable[..., Any] | None:
+        """The function registered as `name`, imported now (None when the target has none)."""
+        where = self.hooks.get(name)
+        if where is None:
+            return None
+        module, _, attr = where.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def open(self, root, **options) -> ArtifactModel:
+        return self.hook("open")(root, **options)
+
+    def footprint(self, cfg, recipe: str, context: int, **kw):
+        return self.hook("footprint")(cfg, recipe, context, **kw)
+
+    def check_structure(self, model, source) -> dict | None:
+        check = self.hook("check_structure")
+        return check(model, source) if check else None
 
     def read_manifest(self, root: str | Path, *, checksums: bool = False) -> dict:
         """The artifact's manifest, its format, contract and files checked (see read_manifest)."""
@@ -65,6 +84,11 @@ class Target:
     def is_artifact(self, path: str | Path) -> bool:
         """Whether `path` holds a manifest.json of this target's format (not yet checked)."""
         return manifest_format(path) == self.format
+
+
+def conversion_hooks(module: str) -> dict[str, str]:
+    """The hooks of a conversion, all in `module`: check_options, prepare, write, summary."""
+    return {name: f"{module}:{name}" for name in ("check_options", "prepare", "write", "summary")}
 
 
 def manifest_format(path: str | Path) -> str | None:

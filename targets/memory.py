@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from ossedge.runtime.checkpoint import logical_tensors
 from ossedge.runtime.config import GptOssConfig
 
-TARGETS = ("executorch", "coreml", "onnx")
 # The runtime itself, as (heap, mapped library pages). python: this process with torch, the
 # executorch pybindings and the ossedge kernels imported and a program initialized (measured on
 # Linux x86-64, 2026-12-01: 0.30 GB of heap; the libraries' file-backed pages 0.09-0.15 GB, by
@@ -164,7 +163,7 @@ def executorch_footprint(
 
 
 def coreml_footprint(
-    cfg: GptOssConfig, recipe: str, context: int, *, host: str = "app"
+    cfg: GptOssConfig, recipe: str, context: int, *, host: str = "app", max_prefill: int | None = None
 ) -> Footprint:
     """Predicted peak memory of a Core ML artifact: every function's weights as stored
     (compressed: Core ML expands constexpr weights as a function runs), fp16 KV states, the
@@ -210,11 +209,12 @@ def onnx_kv_bytes(cfg: GptOssConfig, context: int) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * context * cfg.head_dim * 4
 
 
-def onnx_footprint(cfg: GptOssConfig, recipe: str, context: int, *, host: str = "app") -> Footprint:
+def onnx_footprint(cfg: GptOssConfig, recipe: str, context: int, *, host: str = "app",
+                   max_prefill: int | None = None) -> Footprint:
     """Predicted peak memory of an ONNX artifact in ONNX Runtime with prepacking off: every weight
     stays in the memory-mapped model.onnx.data (checked: a 410 MB initializer adds 8 MB of RSS);
     the KV buffers, a prefill chunk's logits and GroupQueryAttention's scores are heap."""
-    from ossedge.targets.onnx.runner import PREFILL_CHUNK as p  # tokens per call
+    from ossedge.targets.onnx import PREFILL_CHUNK as p  # tokens per call
 
     w = onnx_weights(cfg, recipe)
     f = Footprint("onnx", recipe, context, host)
@@ -234,15 +234,13 @@ def onnx_footprint(cfg: GptOssConfig, recipe: str, context: int, *, host: str = 
 
 
 def footprint(cfg: GptOssConfig, target: str, recipe: str, context: int, **kw) -> Footprint:
-    if target == "executorch":
-        return executorch_footprint(cfg, recipe, context, **kw)
-    if target == "onnx":
-        kw.pop("max_prefill", None)
-        return onnx_footprint(cfg, recipe, context, **kw)
-    if target == "coreml":
-        kw.pop("max_prefill", None)
-        return coreml_footprint(cfg, recipe, context, **kw)
-    raise ValueError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
+    """The predicted peak memory of `target`'s artifact (its registered footprint model; the
+    `max_prefill` of the ExecuTorch program, ignored where a target feeds prompts its own way)."""
+    from ossedge.targets import TARGETS
+
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
+    return TARGETS[target].footprint(cfg, recipe, context, **kw)
 
 
 def decode_weight_bytes(cfg: GptOssConfig, target: str, recipe: str) -> int:

@@ -13,10 +13,10 @@ from typing import Any
 from ossedge.quantize.recipes import DEFAULT_RECIPE
 from ossedge.runtime.config import GptOssConfig
 from ossedge.runtime.errors import BudgetError, OssedgeError
+from ossedge.targets import TARGETS
 from ossedge.targets.devices import Device
 from ossedge.targets.memory import (
     DEFAULT_CONTEXT,
-    TARGETS,
     Footprint,
     decode_read_bytes,
     footprint,
@@ -178,7 +178,7 @@ def plan(
     device: Device,
     cfg: GptOssConfig,
     *,
-    targets: tuple[str, ...] = TARGETS,
+    targets: tuple[str, ...] = tuple(TARGETS),
     recipes: tuple[str, ...] | None = None,
     context: int | None = None,
     max_prefill: int | None = None,

@@ -92,10 +92,11 @@ def et_artifact(tmp_path_factory) -> Path:
     verified): gpt-oss's proportions (4 query heads per KV head, prefill = window), so attention
     dominates the program's memory as at full size. Read-only: copy it to break it."""
     from ossedge.assets import default_model_dir
-    from ossedge.targets.executorch.export import convert
+    from ossedge.convert.pipeline import convert as convert_to
+
 
     out = tmp_path_factory.mktemp("et2048") / "tiny-et"
-    convert(default_model_dir(), out, max_context=2048, verify_tokens=0)
+    convert_to("executorch", default_model_dir(), out, max_context=2048, verify_tokens=0)
     return out
 
 
@@ -103,8 +104,9 @@ def et_artifact(tmp_path_factory) -> Path:
 def coreml_artifact(tmp_path_factory) -> Path:
     """The bundled trained model as a Core ML artifact (ios26, context 64, not verified)."""
     from ossedge.assets import default_model_dir
-    from ossedge.targets.coreml.convert import convert
+    from ossedge.convert.pipeline import convert as convert_to
+
 
     out = tmp_path_factory.mktemp("coreml") / "tiny-coreml"
-    convert(default_model_dir(), out, max_context=64, verify_tokens=0)
+    convert_to("coreml", default_model_dir(), out, max_context=64, verify_tokens=0)
     return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +24,15 @@ from ossedge.targets.coreml.checks import check_structure
 from ossedge.targets.coreml.interpreter import MilError, MilPackage, quiet_coremltools, unpack_bits
 from ossedge.runtime.model import build_model, rms_norm, rope_tables
 from ossedge.runtime.quantized import QuantizedView, sha256_file
-from ossedge.targets.coreml.convert import CoreMLExportError, convert
+from ossedge.convert.pipeline import convert as convert_to
+from ossedge.targets.coreml.convert import CoreMLExportError
 
 quiet_coremltools()
 import coremltools as ct  # noqa: E402
 from coremltools.converters.mil import Builder as mb  # noqa: E402
 from coremltools.converters.mil.mil import Program, types  # noqa: E402
 
+convert = partial(convert_to, "coreml")
 CONTEXT = 128  # the bundled model's window is 32: 80 verify tokens wrap its ring twice
 
 

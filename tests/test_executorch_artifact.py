@@ -18,11 +18,17 @@ from ossedge.assets import default_model_dir
 from ossedge.convert.verify import verify_artifact
 from ossedge.runtime.checkpoint import open_checkpoint
 from ossedge.runtime.evaluate import default_text
-from ossedge.targets.executorch.runner import TOLERANCE_QUANTIZED, ArtifactError, ExecuTorchModel
+from ossedge.runtime.errors import ArtifactError
+from ossedge.targets.executorch import TOLERANCE_QUANTIZED
+from ossedge.targets.executorch.runner import ExecuTorchModel
 from ossedge.runtime.model import build_model
 from ossedge.runtime.quantized import QuantizedView
 from ossedge.runtime.tokenizer import Tokenizer
-from ossedge.targets.executorch.export import convert
+from functools import partial
+
+from ossedge.convert.pipeline import convert as convert_to
+
+convert = partial(convert_to, "executorch")
 from ossedge.targets.executorch.ptd import PtdError, read_index, rewrite
 
 CONTEXT = 160

@@ -128,7 +128,11 @@ def test_a_damaged_expert_is_a_clear_error_never_logits(et_artifact, tmp_path: P
 
 def test_version_1_artifacts_still_run(et_artifact, prompt, mapped, tmp_path: Path) -> None:
     from ossedge.assets import default_model_dir
-    from ossedge.targets.executorch.export import convert
+    from functools import partial
+
+    from ossedge.convert.pipeline import convert as convert_to
+
+    convert = partial(convert_to, "executorch")
 
     out = tmp_path / "v1"
     m = convert(default_model_dir(), out, max_context=2048, verify_tokens=0, contract=1)

@@ -545,7 +545,7 @@ def test_one_of_any_of_and_null_as_openai_harmony_writes_them():
 
 def test_chat_reports_a_malformed_reply(monkeypatch):
     from click.testing import CliRunner
-    from ossedge.convert import cli_run
+    from ossedge.cli import run as cli_run
     from ossedge.runtime import generate
 
     text = "<|channel|>analysis<|message|>SECRET<|end|>junk<|start|>assistant<|channel|>final"

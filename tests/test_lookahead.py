@@ -18,7 +18,11 @@ from ossedge.assets import default_model_dir
 from ossedge.runtime.errors import OssedgeError
 from ossedge.targets.executorch.runner import ExecuTorchModel
 from ossedge.runtime.expert_cache import store_of
-from ossedge.targets.executorch.export import convert
+from functools import partial
+
+from ossedge.convert.pipeline import convert as convert_to
+
+convert = partial(convert_to, "executorch")
 
 GEN = 8
 

@@ -14,7 +14,11 @@ from clitools import assert_one_line_error
 
 from ossedge.assets import default_model_dir
 from ossedge.targets.executorch.runner import ExecuTorchModel
-from ossedge.targets.executorch.export import convert
+from functools import partial
+
+from ossedge.convert.pipeline import convert as convert_to
+
+convert = partial(convert_to, "executorch")
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "benchmarks" / "runner" / "bin" / "ossedge_runner"

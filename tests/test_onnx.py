@@ -23,7 +23,11 @@ from ossedge.runtime.model import build_model
 from ossedge.targets.onnx.runner import OnnxModel
 from ossedge.runtime.quantized import QuantizedView
 from ossedge.runtime.tokenizer import Tokenizer
-from ossedge.targets.onnx.export import convert
+from functools import partial
+
+from ossedge.convert.pipeline import convert as convert_to
+
+convert = partial(convert_to, "onnx")
 
 CONTEXT = 160
 

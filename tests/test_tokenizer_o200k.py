@@ -273,7 +273,7 @@ def test_missing_quicktok_is_one_line_naming_the_extra(tmp_path, argv) -> None:
     import subprocess
 
     code = ("import sys; sys.modules['quicktok'] = None; sys.argv = ['ossedge', *sys.argv[1:]]; "
-            "from ossedge.convert.cli import main; main()")  # fmt: skip
+            "from ossedge.cli.main import main; main()")  # fmt: skip
     args = [a.format(tmp=tmp_path) for a in argv]
     p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                        check=False, timeout=300)  # fmt: skip

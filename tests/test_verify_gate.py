@@ -13,7 +13,7 @@ import torch
 
 import ossedge.targets.executorch.model as et_model
 import ossedge.targets.source as source_module
-from ossedge.convert.cli import main
+from ossedge.cli.main import main
 from ossedge.quantize.qtensor import QTensor
 from ossedge.convert import verify
 from ossedge.runtime.routing import Routing

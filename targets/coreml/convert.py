@@ -16,9 +16,6 @@ bounded by a chunk's weights whatever the model.
 
 from __future__ import annotations
 
-import json
-import shutil
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,14 +24,12 @@ from typing import Any
 import torch
 from ossedge.quantize.qtensor import QTensor
 from ossedge.runtime.errors import OssedgeError
-from ossedge.targets.coreml import CONTRACT_VERSION, FORMAT
 
 MANIFEST, TOKENIZER, EMBEDDING = "manifest.json", "tokenizer.json", "embedding.safetensors"
 TARGETS = ("ios18", "ios26")
 DEFAULT_TARGET = "ios26"
 DEFAULT_RECIPE_FOR = {"ios26": "mobile", "ios18": "int4"}
 DEFAULT_CHUNK_MB = 1024
-DEFAULT_CONTEXT = 4096
 
 
 class CoreMLExportError(OssedgeError):
@@ -201,134 +196,87 @@ def package_files(root: Path) -> Iterator[Path]:
             yield p
 
 
-def convert(
-    ckpt_path: str | Path,
-    out: str | Path,
-    *,
-    recipe: str | None = None,
-    deployment_target: str = DEFAULT_TARGET,
-    max_context: int | None = None,
-    chunk_mb: int = DEFAULT_CHUNK_MB,
-    force: bool = False,
-    progress: bool = False,
-    verify_tokens: int | None = None,
-) -> dict[str, Any]:
-    """Convert a checkpoint into a Core ML artifact directory `out` (atomically); verify it with
-    the MIL interpreter unless `verify_tokens` is 0. Returns the manifest."""
-    from ossedge.runtime.atomic import atomic_dir, check_output
-    from ossedge.runtime.quantized import sha256_file
-    from ossedge.runtime.tokenizer import Tokenizer
-    from ossedge.targets.coreml.interpreter import MilPackage, quiet_coremltools
-    from ossedge.targets.source import SourceError, weight_source
-    from tqdm import tqdm
-
-    from ossedge import __version__
+def check_options(options: dict[str, Any]) -> str:
+    """The deployment target (default ios26) and chunk size; returns its default recipe (ios18
+    cannot store MXFP4 experts compactly: int4)."""
+    from ossedge.targets.coreml.interpreter import quiet_coremltools
 
     quiet_coremltools()
-    out = Path(out)
-    check_output(out, force=force)
-    if deployment_target not in TARGETS:
+    dt = options["deployment_target"] = options.get("deployment_target") or DEFAULT_TARGET
+    if dt not in TARGETS:
+        raise CoreMLExportError(f"unknown deployment target {dt!r}; choose one of {list(TARGETS)}")
+    options.setdefault("chunk_mb", DEFAULT_CHUNK_MB)
+    if options["chunk_mb"] < 1:
+        raise CoreMLExportError(f"--chunk-mb must be at least 1, got {options['chunk_mb']}")
+    return DEFAULT_RECIPE_FOR[dt]
+
+
+def prepare(job) -> int:
+    """Refuse MXFP4 experts for ios18; the smallest context is the sliding window (the ring)."""
+    w = job.source.weight("model.layers.0.mlp.experts.down_proj")
+    job.options["expert_fmt"] = fmt = w.fmt if isinstance(w, QTensor) else "fp16"
+    if job.options["deployment_target"] == "ios18" and fmt == "mxfp4":
         raise CoreMLExportError(
-            f"unknown deployment target {deployment_target!r}; choose one of {list(TARGETS)}"
-        )
-    t0 = time.perf_counter()
-    try:
-        source, recipe_name = weight_source(
-            ckpt_path, recipe, default=DEFAULT_RECIPE_FOR[deployment_target]
-        )
-    except SourceError as e:
-        raise CoreMLExportError(str(e)) from None
-    cfg = source.config
-    expert_fmt = source.weight("model.layers.0.mlp.experts.down_proj")
-    expert_fmt = expert_fmt.fmt if isinstance(expert_fmt, QTensor) else "fp16"
-    if deployment_target == "ios18" and expert_fmt == "mxfp4":
-        raise CoreMLExportError(
-            f"recipe {recipe_name} keeps MXFP4 experts, which Core ML stores compactly only for "
+            f"recipe {job.recipe} keeps MXFP4 experts, which Core ML stores compactly only for "
             "iOS26/macOS26; use --deployment-target ios26, or --recipe int4 for ios18"
         )
-    max_context = max_context or min(DEFAULT_CONTEXT, cfg.max_position_embeddings)
-    if not cfg.sliding_window <= max_context <= cfg.max_position_embeddings:
-        raise CoreMLExportError(
-            f"--max-context must be {cfg.sliding_window}..{cfg.max_position_embeddings} for "
-            f"this model, got {max_context}"
-        )
-    if chunk_mb < 1:
-        raise CoreMLExportError(f"--chunk-mb must be at least 1, got {chunk_mb}")
-    tokenizer = Tokenizer.from_dir(Path(ckpt_path))
+    return job.config.sliding_window
+
+
+def write(job, tmp: Path) -> dict[str, Any]:
+    """The chunked .mlpackages and embedding.safetensors into `tmp` (stages packages, embedding);
+    the manifest's Core ML part (functions, call order)."""
+    from ossedge.targets.coreml.interpreter import MilPackage
+    from tqdm import tqdm
+
+    source, cfg, o = job.source, job.config, job.options
     inexact = check_expert_scales(source)
-    opset = opset_for(deployment_target)
+    opset = opset_for(o["deployment_target"])
     functions = plan_functions(source)
-    chunks = chunk_functions(functions, chunk_mb << 20)
-    timings: dict[str, float] = {}
+    chunks = chunk_functions(functions, o["chunk_mb"] << 20)
     described: dict[str, Any] = {}
     packages: dict[str, Any] = {}
-    with atomic_dir(out, force=force) as tmp:
-        t = time.perf_counter()
-        bar = tqdm(total=len(functions), desc="convert", unit="fn", disable=not progress)
-        cache: dict = {}
-        for i, chunk in enumerate(chunks):
-            name = f"chunk_{i:02d}.mlpackage"
-            built = []
-            for f in chunk:
-                fn = build_function(source, f, max_context, opset, cache)
-                built.append((f.name, fn))
-                bar.update(1)
-            bar.set_postfix_str(f"writing {name}")
-            write_package(built, tmp / name, opset)
-            del built
-            written = MilPackage(tmp / name)
-            for f in chunk:
-                described[f.name] = {
-                    "package": name, "kind": f.kind, "layer": f.layer, "expert": f.expert,
-                    "weight_bytes": f.bytes,
-                    **written.signature(f.name),
-                }
-            packages[name] = {
-                "functions": [f.name for f in chunk],
-                "bytes": sum(p.stat().st_size for p in package_files(tmp / name)),
+    job.stage("packages")
+    bar = tqdm(total=len(functions), desc="convert", unit="fn", disable=not job.progress)
+    cache: dict = {}
+    for i, chunk in enumerate(chunks):
+        name = f"chunk_{i:02d}.mlpackage"
+        built = []
+        for f in chunk:
+            built.append((f.name, build_function(source, f, job.context, opset, cache)))
+            bar.update(1)
+        bar.set_postfix_str(f"writing {name}")
+        write_package(built, tmp / name, opset)
+        del built
+        written = MilPackage(tmp / name)
+        for f in chunk:
+            described[f.name] = {
+                "package": name, "kind": f.kind, "layer": f.layer, "expert": f.expert,
+                "weight_bytes": f.bytes,
+                **written.signature(f.name),
             }
-        bar.close()
-        timings["packages"] = round(time.perf_counter() - t, 2)
-        t = time.perf_counter()
-        embedding = write_embedding(source, tmp / EMBEDDING)
-        shutil.copyfile(Path(tokenizer.source), tmp / TOKENIZER)
-        timings["embedding"] = round(time.perf_counter() - t, 2)
-        files = {
-            str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in package_files(tmp)
+        packages[name] = {
+            "functions": [f.name for f in chunk],
+            "bytes": sum(p.stat().st_size for p in package_files(tmp / name)),
         }
-        manifest: dict[str, Any] = {
-            "format": FORMAT,
-            "contract_version": CONTRACT_VERSION,
-            "ossedge_version": __version__,
-            "deployment_target": deployment_target,
-            "recipe": recipe_name,
-            "experts": {"format": expert_fmt, "fp16_inexact_blocks": inexact},
-            "max_context": max_context,
-            "config": cfg.to_hf_dict(),
-            "source": str(Path(ckpt_path).resolve()),
-            "embedding": embedding,
-            "packages": packages,
-            "functions": described,
-            "call_order": [
-                "per token: x = embedding row (fp32) of the token; for l in layers: "
-                "h, m, ids, w = attn_{l}(x, pos) [state: its k_cache, v_cache]; "
-                "x = h + sum_j w[j] * expert_{l}_{ids[j]}(m); then logits = head(x)",
-            ],
-            "predictions_per_token": cfg.num_hidden_layers * (1 + cfg.num_experts_per_tok) + 1,
-            "files": files,
-            "total_bytes": sum(v["bytes"] for v in files.values()),
-        }
-        timings["total"] = round(time.perf_counter() - t0, 2)
-        manifest["convert"] = {"seconds": timings["total"], "stages_s": timings}
-        write_manifest(tmp, manifest)
-        if verify_tokens != 0:
-            from ossedge.convert.verify import verify_into_manifest
-
-            verify_into_manifest(tmp, ckpt_path, manifest, write_manifest, tokens=verify_tokens,
-                                 progress=progress)
-    return manifest
+    bar.close()
+    job.stage("embedding")
+    embedding = write_embedding(source, tmp / EMBEDDING)
+    return {
+        "deployment_target": o["deployment_target"],
+        "experts": {"format": o["expert_fmt"], "fp16_inexact_blocks": inexact},
+        "embedding": embedding,
+        "packages": packages,
+        "functions": described,
+        "call_order": [
+            "per token: x = embedding row (fp32) of the token; for l in layers: "
+            "h, m, ids, w = attn_{l}(x, pos) [state: its k_cache, v_cache]; "
+            "x = h + sum_j w[j] * expert_{l}_{ids[j]}(m); then logits = head(x)",
+        ],
+        "predictions_per_token": cfg.num_hidden_layers * (1 + cfg.num_experts_per_tok) + 1,
+    }
 
 
-def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+def summary(manifest: dict[str, Any]) -> str:
+    """What `ossedge convert` says it wrote."""
+    return f"coreml {manifest['deployment_target']}, {len(manifest['packages'])} packages"

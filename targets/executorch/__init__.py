@@ -5,7 +5,7 @@ the files every artifact has, and verify's tolerances. `TARGET` registers it (os
 
 from __future__ import annotations
 
-from ossedge.targets.base import Target
+from ossedge.targets.base import Target, conversion_hooks
 
 FORMAT = "ossedge-executorch"
 # 1: four stacked expert tensors per layer; 2: one packed tensor per layer (an expert cache can
@@ -23,41 +23,19 @@ TOLERANCE_FLOAT = 1e-3
 TOLERANCE_QUANTIZED = 8e-2
 
 
-def _convert(ckpt, out, **options) -> dict:
-    from ossedge.targets.executorch.export import convert
-
-    return convert(ckpt, out, **options)
-
-
-def _open(root, **options):
-    from ossedge.targets.executorch.runner import ExecuTorchModel
-
-    return ExecuTorchModel(root, **options)
-
-
-def _footprint(cfg, recipe: str, context: int, **kw):
-    from ossedge.targets.memory import executorch_footprint
-
-    return executorch_footprint(cfg, recipe, context, **kw)
-
-
-def _check_structure(model, source) -> dict | None:
-    if model.manifest.get("contract_version") != 2:
-        return None  # contract 1's stacked expert tensors: nothing packed to read back
-    from ossedge.targets.executorch.checks import check_structure
-
-    return check_structure(model.root, model.manifest, source)
-
-
 TARGET = Target(
     name="executorch", title="ExecuTorch", format=FORMAT, contract=CONTRACT_VERSION, reads=READS,
-    files=FILES, platforms=("android", "ios"), convert=_convert, open=_open, footprint=_footprint,
+    files=FILES, platforms=("android", "ios"),
+    hooks={**conversion_hooks("ossedge.targets.executorch.export"),
+           "open": "ossedge.targets.executorch.runner:ExecuTorchModel",
+           "footprint": "ossedge.targets.memory:executorch_footprint",
+           "check_structure": "ossedge.targets.executorch.checks:check_structure"},
     tolerance=lambda manifest, linears: TOLERANCE_FLOAT if linears == "float" else TOLERANCE_QUANTIZED,
     # ossedge::moe_* round the experts' inputs to int8 per block of 32
     expert_activations=lambda manifest: "int8-b32",
     # XNNPACK's quantized linears take int8 inputs per token
     linear_activations=lambda manifest, model: "float" if manifest.get("recipe") == "native"
     else "int8-asym-token",
-    check_structure=_check_structure,
     open_options=frozenset({"expert_cache", "cache_aware_routing", "routing_pool"}),
+    convert_options=frozenset({"max_prefill", "profile", "lookahead", "contract"}),
 )  # fmt: skip

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from ossedge.runtime.model import rope_tables
+from ossedge.targets.executorch.pack import Layout, unpack_expert
+from ossedge.targets.executorch.ptd import read_index
 
-def check_structure(root: str | Path, manifest: dict, source) -> dict:
+
+def check_structure(model, source) -> dict | None:
     """What verify reads straight from model.ptd and holds against `source` (the checkpoint with
     the artifact's recipe): the rotary tables (YaRN, for every position of the context), the
     norms and the attention sinks exactly, and each layer's first and last packed expert byte for
     byte. Errors too small for the logits to show at a few dozen tokens (a rotary table slightly
-    off grows with the position) are caught here. Returns ok, problems and counts."""
-    import numpy as np
-    from ossedge.runtime.model import rope_tables
-    from ossedge.targets.executorch.pack import Layout, unpack_expert
-    from ossedge.targets.executorch.ptd import read_index
-
+    off grows with the position) are caught here. Returns ok, problems and counts; None for
+    contract 1 (stacked expert tensors: nothing packed to read back)."""
+    root, manifest = model.root, model.manifest
+    if manifest.get("contract_version") != 2:
+        return None
     path = Path(root) / "model.ptd"
     entries = read_index(path).entries()
     cfg = source.config

@@ -10,8 +10,6 @@ Python bytes): the placeholders are identical zeros, deduplicated to one copy pe
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +19,7 @@ import torch
 from ossedge.quantize.qtensor import INT4_GROUP, QTensor
 from ossedge.runtime.errors import OssedgeError
 from ossedge.targets.base import quiet_imports
-from ossedge.targets.executorch import CONTRACT_VERSION, FORMAT, ptd
+from ossedge.targets.executorch import CONTRACT_VERSION, ptd
 from ossedge.targets.executorch.model import (
     PACKED_BUFFER,
     ExportableGptOss,
@@ -32,7 +30,7 @@ from torch import nn
 
 # 2: one packed uint8 tensor per layer holding each expert as one extent (pack.py), read by
 # ossedge::moe_*_packed; version-1 artifacts (four stacked tensors per layer) still run.
-PTE, PTD, TOKENIZER, MANIFEST = "model.pte", "model.ptd", "tokenizer.json", "manifest.json"
+PTE, PTD = "model.pte", "model.ptd"
 DATA_TAG = "model"  # the data file every external constant goes to (model.ptd)
 
 
@@ -218,148 +216,95 @@ def _profile_summary(profile: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: profile[k] for k in keep if k in profile}
 
 
-def sizes(out: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
-
-
-def manifest_json(out: Path, data: dict[str, Any]) -> None:
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, out / MANIFEST)
-
-
-def weight_source(ckpt_path: str | Path, recipe: str | None):
-    from ossedge.targets.source import SourceError
-    from ossedge.targets.source import weight_source as source
-
-    try:
-        return source(ckpt_path, recipe)
-    except SourceError as e:
-        raise ExportError(str(e)) from None
-
-
-def convert(
-    ckpt_path: str | Path,
-    out: str | Path,
-    *,
-    recipe: str | None = None,
-    max_context: int | None = None,
-    max_prefill: int | None = None,
-    force: bool = False,
-    progress: bool = False,
-    verify_tokens: int | None = None,
-    profile: dict[str, Any] | None = None,
-    contract: int = CONTRACT_VERSION,
-    lookahead: bool | None = None,
-) -> dict[str, Any]:
-    """Convert a checkpoint into an ExecuTorch artifact directory `out` (atomically); verify it
-    against the checkpoint unless `verify_tokens` is 0. `profile` (ossedge.runtime.profile) is
-    embedded in the manifest and in the packed experts' headers, for the expert cache's pinning.
-    `contract` 1 writes the older layout (stacked expert tensors, no cache), for apps built
-    against it. `lookahead` (default: on for contract 2) runs the MoE ops that hand the expert
-    cache the next layer's likely experts (same results). Returns the manifest."""
+def check_options(options: dict[str, Any]) -> None:
+    """The conversion options before anything is read (see convert/pipeline.py): `contract` 1
+    writes the older layout (stacked expert tensors, no cache), for apps built against it, and
+    takes neither a routing profile nor lookahead."""
+    contract = options.get("contract", CONTRACT_VERSION)
     if contract not in (1, CONTRACT_VERSION):
         raise ExportError(f"contract version {contract}: this ossedge writes 1 or {CONTRACT_VERSION}")
-    if contract == 1 and profile is not None:
+    if contract == 1 and options.get("profile") is not None:
         raise ExportError("a routing profile needs contract version 2 (packed experts)")
-    if contract == 1 and lookahead:
+    if contract == 1 and options.get("lookahead"):
         raise ExportError("lookahead needs contract version 2 (packed experts)")
-    lookahead = contract >= 2 if lookahead is None else lookahead
-    import time
+    return None
 
-    from ossedge.runtime.atomic import atomic_dir, check_output
-    from ossedge.runtime.quantized import sha256_file
-    from ossedge.runtime.tokenizer import Tokenizer
-    from tqdm import tqdm
 
-    from ossedge import __version__
+def prepare(job) -> int:
+    """Fill in the defaults (`max_prefill`: the sliding window; `lookahead`: on for contract 2)
+    and check them and the routing profile against the model; the smallest context is one
+    prefill."""
+    from ossedge.runtime.profile import ProfileError, check_profile
 
-    out = Path(out)
-    check_output(out, force=force)
-    t0 = time.perf_counter()
-    source, recipe_name = weight_source(ckpt_path, recipe)
-    cfg = source.config
-    max_prefill = max_prefill or cfg.sliding_window
-    max_context = max_context or min(DEFAULT_CONTEXT, cfg.max_position_embeddings)
-    if not 1 <= max_prefill <= cfg.sliding_window:
+    o, cfg = job.options, job.config
+    o.setdefault("contract", CONTRACT_VERSION)
+    o.setdefault("profile", None)
+    if o.get("lookahead") is None:
+        o["lookahead"] = o["contract"] >= 2
+    o["max_prefill"] = o.get("max_prefill") or cfg.sliding_window
+    if not 1 <= o["max_prefill"] <= cfg.sliding_window:
         raise ExportError(
-            f"--max-prefill must be 1..{cfg.sliding_window} (the sliding window), got {max_prefill}"
+            f"--max-prefill must be 1..{cfg.sliding_window} (the sliding window), got {o['max_prefill']}"
         )
-    if not max_prefill <= max_context <= cfg.max_position_embeddings:
-        raise ExportError(
-            f"--max-context must be {max_prefill}..{cfg.max_position_embeddings} for this model, "
-            f"got {max_context}"
-        )
-    tokenizer = Tokenizer.from_dir(Path(ckpt_path))
-    if profile is not None:
-        from ossedge.runtime.profile import ProfileError, check_profile
-
+    if o["profile"] is not None:
         try:
-            check_profile(profile, layers=cfg.num_hidden_layers, experts=cfg.num_local_experts,
-                          where="--expert-profile")  # fmt: skip
+            check_profile(o["profile"], layers=cfg.num_hidden_layers,
+                          experts=cfg.num_local_experts, where="--expert-profile")  # fmt: skip
         except ProfileError as e:
             raise ExportError(str(e)) from None
-    stages = ["build", "export", "lower", "emit", "write"]
-    bar = tqdm(total=len(stages), desc="convert", unit="stage", disable=not progress)
-    timings: dict[str, float] = {}
-    last = [time.perf_counter(), "build"]
+    return o["max_prefill"]
+
+
+def write(job, tmp: Path) -> dict[str, Any]:
+    """model.pte and model.ptd into `tmp` (stages build, export, lower, emit, write); the
+    manifest's ExecuTorch part. `job.options["profile"]` (ossedge.runtime.profile) is embedded in
+    the manifest and in the packed experts' headers, for the expert cache's pinning;
+    `lookahead` runs the MoE ops that hand the expert cache the next layer's likely experts."""
+    from tqdm import tqdm
+
+    o = job.options
+    contract, profile, lookahead = o["contract"], o["profile"], o["lookahead"]
+    bar = tqdm(total=5, desc="convert", unit="stage", disable=not job.progress)
 
     def stage(name: str) -> None:
-        now = time.perf_counter()
-        timings[last[1]] = round(now - last[0], 2)
-        last[:] = [now, name]
+        job.stage(name)
         bar.set_postfix_str(name)
         bar.update(1)
 
+    job.stage("build")
     bar.set_postfix_str("build")
     model = ExportableGptOss(
-        source,
-        max_context=max_context,
-        max_prefill=max_prefill,
+        job.source,
+        max_context=job.context,
+        max_prefill=o["max_prefill"],
         make_linear=xnnpack_linear,
         placeholders=True,
         packed=contract >= 2,
         lookahead=lookahead,
     ).eval()
-    methods = metadata(model, tokenizer)
-    with atomic_dir(out, force=force) as tmp:
-        program = export_program(model, methods, stage)
-        stage("write")
-        write_program(program, model, source, tmp, progress, profile)
-        del program
-        stage("done")
-        bar.close()
-        shutil.copyfile(Path(tokenizer.source), tmp / TOKENIZER)
-        manifest: dict[str, Any] = {
-            "format": FORMAT,
-            "contract_version": contract,
-            "ossedge_version": __version__,
-            "files": {
-                n: {"bytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)}
-                for n in (PTE, PTD, TOKENIZER)
-            },
-            "recipe": recipe_name,
-            "linear_activations": "int8 dynamic per token (XNNPACK) for int4/int8 weights",
-            "experts": {"format": model.blocks[0].mlp.fmt, "op": model.blocks[-1].mlp.op_name,
-                        "lookahead_op": model.blocks[0].mlp.op_name if lookahead else None,
-                        "activations": "int8-b32", "kernel_library": "libossedge_kernels.so",
-                        "store": _store(model, tmp / PTD) if contract >= 2 else None},
-            "expert_profile": _profile_summary(profile),
-            "attention": {"op": "ossedge::attend"},
-            "max_context": max_context,
-            "max_prefill": max_prefill,
-            "methods": methods,
-            "config": cfg.to_hf_dict(),
-            "source": str(Path(ckpt_path).resolve()),
-            "convert": {"seconds": round(time.perf_counter() - t0, 1), "stages_s": timings},
-        }
-        manifest_json(tmp, manifest)
-        if verify_tokens != 0:
-            from ossedge.convert.verify import verify_into_manifest
-
-            verify_into_manifest(tmp, ckpt_path, manifest, manifest_json, tokens=verify_tokens,
-                                 progress=progress)
-    return manifest
+    methods = metadata(model, job.tokenizer)
+    program = export_program(model, methods, stage)
+    stage("write")
+    write_program(program, model, job.source, tmp, job.progress, profile)
+    del program
+    job.stage(None)
+    bar.update(1)
+    bar.close()
+    return {
+        "contract_version": contract,
+        "linear_activations": "int8 dynamic per token (XNNPACK) for int4/int8 weights",
+        "experts": {"format": model.blocks[0].mlp.fmt, "op": model.blocks[-1].mlp.op_name,
+                    "lookahead_op": model.blocks[0].mlp.op_name if lookahead else None,
+                    "activations": "int8-b32", "kernel_library": "libossedge_kernels.so",
+                    "store": _store(model, tmp / PTD) if contract >= 2 else None},
+        "expert_profile": _profile_summary(profile),
+        "attention": {"op": "ossedge::attend"},
+        "max_prefill": o["max_prefill"],
+        "methods": methods,
+    }  # fmt: skip
 
 
-DEFAULT_CONTEXT = 4096
+def summary(manifest: dict[str, Any]) -> str:
+    """What `ossedge convert` says it wrote."""
+    return ("executorch" + (", with a routing profile" if manifest.get("expert_profile") else "")
+            + (", lookahead" if manifest["experts"].get("lookahead_op") else ""))  # fmt: skip

@@ -4,37 +4,19 @@ Its contract, defined here once; `TARGET` registers it (ossedge.targets)."""
 
 from __future__ import annotations
 
-from ossedge.targets.base import Target
+from ossedge.targets.base import Target, conversion_hooks
 
 FORMAT = "ossedge-onnx"
 CONTRACT_VERSION = 1
 READS = (1,)
 FILES = ("model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json",
          "genai_config.json")  # fmt: skip
+PREFILL_CHUNK = 128  # tokens per call when the runner feeds a long prompt (bounds the logits' memory)
 # verify's rel_err bound at the 90th percentile: ONNX Runtime's float MatMulNBits computes what the
 # reference does (measured ≤ 3e-6 over 21 checkpoints per recipe); with prepacked int8 inputs a
 # rounding boundary moves a token now and then, as on ExecuTorch.
 TOLERANCE_FLOAT = 1e-3
 TOLERANCE_QUANTIZED = 8e-2
-
-
-def _convert(ckpt, out, **options) -> dict:
-    from ossedge.targets.onnx.export import convert
-
-    return convert(ckpt, out, **options)
-
-
-def _open(root, **options):
-    from ossedge.targets.onnx.runner import OnnxModel
-
-    return OnnxModel(root, **options)
-
-
-def _footprint(cfg, recipe: str, context: int, **kw):
-    from ossedge.targets.memory import onnx_footprint
-
-    kw.pop("max_prefill", None)
-    return onnx_footprint(cfg, recipe, context, **kw)
 
 
 def _linear_activations(manifest: dict, model) -> str:
@@ -47,8 +29,11 @@ def _linear_activations(manifest: dict, model) -> str:
 
 TARGET = Target(
     name="onnx", title="ONNX", format=FORMAT, contract=CONTRACT_VERSION, reads=READS, files=FILES,
-    platforms=("android", "ios"), convert=_convert, open=_open, footprint=_footprint,
+    platforms=("android", "ios"),
+    hooks={**conversion_hooks("ossedge.targets.onnx.export"),
+           "open": "ossedge.targets.onnx.runner:OnnxModel",
+           "footprint": "ossedge.targets.memory:onnx_footprint"},
     tolerance=lambda manifest, linears: TOLERANCE_FLOAT if linears == "float" else TOLERANCE_QUANTIZED,
     expert_activations=lambda manifest: "float", linear_activations=_linear_activations,
-    check_structure=lambda model, source: None,
+    device_plans=False,
 )  # fmt: skip

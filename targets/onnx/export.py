@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +30,12 @@ import numpy as np
 import torch
 from ossedge.quantize.qtensor import QTensor
 from ossedge.runtime.errors import OssedgeError
-from ossedge.targets.onnx import CONTRACT_VERSION, FORMAT
 
 MODEL, DATA, TOKENIZER, MANIFEST, GENAI = (
     "model.onnx", "model.onnx.data", "tokenizer.json", "manifest.json", "genai_config.json"
 )
 TOKENIZER_CONFIG = "tokenizer_config.json"
 ALIGN = 1 << 16
-DEFAULT_CONTEXT = 4096
 OPSET, MS_OPSET = 21, 1
 SWIGLU_ALPHA = 1.702
 # MatMulNBits: int8 activations per block once ONNX Runtime prepacks the weights (the artifact
@@ -324,67 +321,35 @@ def _tokenizer_config(ckpt: Path, dst: Path, max_context: int) -> None:
     dst.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def convert(
-    ckpt_path: str | Path,
-    out: str | Path,
-    *,
-    recipe: str | None = None,
-    max_context: int | None = None,
-    force: bool = False,
-    progress: bool = False,
-    verify_tokens: int | None = None,
-) -> dict[str, Any]:
-    """Convert a checkpoint into an ONNX artifact directory `out` (atomically); verify it against
-    the checkpoint unless `verify_tokens` is 0. Returns the manifest."""
-    from ossedge.runtime.atomic import atomic_dir, check_output
-    from ossedge.runtime.quantized import sha256_file
-    from ossedge.runtime.tokenizer import Tokenizer
-    from ossedge.targets.executorch.export import manifest_json, weight_source
+def check_options(options: dict[str, Any]) -> None:
+    return None  # ONNX takes no options of its own
 
-    from ossedge import __version__
 
-    out = Path(out)
-    check_output(out, force=force)
-    t0 = time.perf_counter()
-    source, recipe_name = weight_source(ckpt_path, recipe)
-    cfg = source.config
-    max_context = max_context or min(DEFAULT_CONTEXT, cfg.max_position_embeddings)
-    if not 1 <= max_context <= cfg.max_position_embeddings:
-        raise OnnxExportError(
-            f"--max-context must be 1..{cfg.max_position_embeddings} for this model, got {max_context}"
-        )
-    tokenizer = Tokenizer.from_dir(Path(ckpt_path))
-    with atomic_dir(out, force=force) as tmp:
-        facts = build_graph(source, tmp, max_context, progress)
-        shutil.copyfile(Path(tokenizer.source), tmp / TOKENIZER)
-        (tmp / GENAI).write_text(json.dumps(genai_config(cfg, max_context), indent=2) + "\n")
-        _tokenizer_config(Path(ckpt_path), tmp / TOKENIZER_CONFIG, max_context)
-        files = (MODEL, DATA, TOKENIZER, TOKENIZER_CONFIG, GENAI)
-        bits = facts["expert_bits"]
-        manifest = {
-            "format": FORMAT,
-            "contract_version": CONTRACT_VERSION,
-            "ossedge_version": __version__,
-            "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)}
-                      for n in files},
-            "recipe": recipe_name,
-            "experts": {"op": "com.microsoft::QMoE", "bits": bits, "activations": "float",
-                        "stored_as": "int8 block 32 (MXFP4, exact)" if bits == 8
-                        else "int4 block 32 (as stored)"},
-            "linear_activations": f"MatMulNBits accuracy_level {ACCURACY_LEVEL} (int8 per block "
-                                  "when prepacked, else float)",
-            "attention": {"op": "com.microsoft::GroupQueryAttention"},
-            "max_context": max_context,
-            "max_prefill": cfg.sliding_window,
-            "session_options": {"session.disable_prepacking": "1"},
-            "config": cfg.to_hf_dict(),
-            "source": str(Path(ckpt_path).resolve()),
-            "convert": {"seconds": round(time.perf_counter() - t0, 1)},
-        }
-        manifest_json(tmp, manifest)
-        if verify_tokens != 0:
-            from ossedge.convert.verify import verify_into_manifest
+def prepare(job) -> int:
+    return 1  # GroupQueryAttention takes any context
 
-            verify_into_manifest(tmp, ckpt_path, manifest, manifest_json, tokens=verify_tokens,
-                                 progress=progress)
-    return manifest
+
+def write(job, tmp: Path) -> dict[str, Any]:
+    """model.onnx, model.onnx.data, genai_config.json and tokenizer_config.json into `tmp`; the
+    manifest's ONNX part."""
+    cfg = job.config
+    job.stage("graph")
+    facts = build_graph(job.source, tmp, job.context, job.progress)
+    (tmp / GENAI).write_text(json.dumps(genai_config(cfg, job.context), indent=2) + "\n")
+    _tokenizer_config(job.ckpt, tmp / TOKENIZER_CONFIG, job.context)
+    bits = facts["expert_bits"]
+    return {
+        "experts": {"op": "com.microsoft::QMoE", "bits": bits, "activations": "float",
+                    "stored_as": "int8 block 32 (MXFP4, exact)" if bits == 8
+                    else "int4 block 32 (as stored)"},
+        "linear_activations": f"MatMulNBits accuracy_level {ACCURACY_LEVEL} (int8 per block "
+                              "when prepacked, else float)",
+        "attention": {"op": "com.microsoft::GroupQueryAttention"},
+        "max_prefill": cfg.sliding_window,
+        "session_options": {"session.disable_prepacking": "1"},
+    }  # fmt: skip
+
+
+def summary(manifest: dict[str, Any]) -> str:
+    """What `ossedge convert` says it wrote."""
+    return f"onnx, {manifest['experts']['bits']}-bit QMoE experts"

@@ -17,9 +17,8 @@ import numpy as np
 import torch
 from ossedge.runtime.errors import ArtifactError
 from ossedge.runtime.routing import Routing, concat_calls, from_logits
-from ossedge.targets.onnx import TARGET
+from ossedge.targets.onnx import PREFILL_CHUNK, TARGET
 
-PREFILL_CHUNK = 128  # tokens per call when feeding a long prompt (bounds the logits' memory)
 
 
 @dataclass

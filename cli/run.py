@@ -7,17 +7,8 @@ from pathlib import Path
 
 import click
 
-from ossedge.convert.cli_common import (
-    DTYPES,
-    _load,
-    _model_path,
-    _progress,
-    _sampler,
-    expert_cache_option,
-    read_text,
-    routing_options,
-    with_sampling,
-)
+from ossedge.cli.common import (DTYPES, _load, _model_path, _progress, _sampler,
+                                expert_cache_option, read_text, routing_options, with_sampling)
 
 
 def _open_for_run(ckpt, dtype, sampling, expert_cache, routing):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ossedge.convert.cli_common import routing_options
+from ossedge.cli.common import routing_options
 
 
 class _DefaultRun(click.Group):

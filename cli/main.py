@@ -13,17 +13,11 @@ from pathlib import Path
 import click
 
 from ossedge import __version__
-from ossedge.convert.cli_common import (
-    DTYPES,
-    _load,
-    _progress,
-    _tokenizer_dir,
-    expert_cache_option,
-    read_text,
-    routing_options,
-)
-from ossedge.convert.cli_run import chat, generate, profile_experts
+from ossedge.cli.common import (DTYPES, _load, _progress, _tokenizer_dir, expert_cache_option,
+                                read_text, routing_options)
+from ossedge.cli.run import chat, generate, profile_experts
 from ossedge.quantize.recipes import DEFAULT_RECIPE, RECIPES
+from ossedge.targets import DEFAULT_TARGET, TARGETS
 
 
 
@@ -220,7 +214,7 @@ def eval_(model, reference, text, window, max_tokens, dtype, expert_cache, cache
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True)
 @click.option(
-    "--target", type=click.Choice(["executorch", "coreml", "onnx"]), default="executorch",
+    "--target", type=click.Choice(list(TARGETS)), default=DEFAULT_TARGET,
     show_default=True,
     help="executorch: model.pte + model.ptd for ExecuTorch (Android, iOS, desktop CPUs); "
     "coreml: .mlpackage functions for Core ML (iPhone, iPad, Mac); onnx: model.onnx + "
@@ -237,8 +231,8 @@ def eval_(model, reference, text, window, max_tokens, dtype, expert_cache, cache
     "macOS 15) needs int4 experts [default: ios26, or the --device's].",
 )
 @click.option(
-    "--chunk-mb", type=click.IntRange(min=1), default=1024, show_default=True,
-    help="coreml only: largest .mlpackage, in MB.",
+    "--chunk-mb", type=click.IntRange(min=1), default=None,
+    help="coreml only: largest .mlpackage, in MB [default: 1024].",
 )
 @click.option(
     "--max-context", type=click.IntRange(min=1), default=None,
@@ -283,54 +277,40 @@ def convert(ckpt, out, target, recipe, deployment_target, chunk_mb, max_context,
 
     onnx: model.onnx (GroupQueryAttention, QMoE, MatMulNBits) + model.onnx.data (all weights) +
     genai_config.json (onnxruntime-genai) + tokenizer.json + manifest.json."""
+    from ossedge.convert import pipeline
+
+    t = TARGETS[target]
+    flags = {"max_prefill": ("--max-prefill", max_prefill),
+             "profile": ("--expert-profile", expert_profile), "lookahead": ("--lookahead", lookahead),
+             "deployment_target": ("--deployment-target", deployment_target),
+             "chunk_mb": ("--chunk-mb", chunk_mb)}  # fmt: skip
+    for key, (flag, value) in flags.items():
+        if value is not None and key not in t.convert_options:
+            owners = [n for n, other in TARGETS.items() if key in other.convert_options]
+            raise click.UsageError(f"{flag} applies to --target {' or '.join(owners)} only")
+    if device_name is not None and not t.device_plans:
+        planned = [n for n, other in TARGETS.items() if other.device_plans]
+        raise click.UsageError(f"--device plans the {' and '.join(planned)} targets; drop it for "
+                               f"{target}")  # fmt: skip
     option = None
-    if expert_profile is not None and target != "executorch":
-        raise click.UsageError("--expert-profile applies to --target executorch only")
-    if lookahead is not None and target != "executorch":
-        raise click.UsageError("--lookahead applies to --target executorch only")
-    if device_name is not None and target == "onnx":
-        raise click.UsageError("--device plans the executorch and coreml targets; drop it for onnx")
     if device_name is not None:
         option = _device_choice(ckpt, device_name, target, recipe, max_context, max_prefill, force)
         recipe, max_context = option.recipe, option.footprint.context
         deployment_target = deployment_target or option.deployment_target
-    if target == "coreml":
-        deployment_target = deployment_target or "ios26"
-        from ossedge.targets.coreml.convert import convert as run_coreml
-
-        if max_prefill is not None:
-            raise click.UsageError("--max-prefill applies to --target executorch only")
-        m = run_coreml(
-            ckpt, out, recipe=recipe, deployment_target=deployment_target,
-            max_context=max_context, chunk_mb=chunk_mb, force=force, progress=_progress(),
-            verify_tokens=verify_tokens,
-        )
-        where = f"coreml {m['deployment_target']}, {len(m['packages'])} packages"
-    elif target == "onnx":
-        from ossedge.targets.onnx.export import convert as run_onnx
-
-        if max_prefill is not None:
-            raise click.UsageError("--max-prefill applies to --target executorch only")
-        m = run_onnx(ckpt, out, recipe=recipe, max_context=max_context, force=force,
-                     progress=_progress(), verify_tokens=verify_tokens)
-        where = f"onnx, {m['experts']['bits']}-bit QMoE experts"
-    else:
+    profile = None
+    if expert_profile is not None:
         from ossedge.runtime.checkpoint import open_checkpoint
         from ossedge.runtime.profile import read_profile
-        from ossedge.targets.executorch.export import convert as run
 
-        profile = None
-        if expert_profile is not None:
-            cfg = open_checkpoint(ckpt).config
-            profile = read_profile(expert_profile, layers=cfg.num_hidden_layers,
-                                   experts=cfg.num_local_experts)  # fmt: skip
-        m = run(
-            ckpt, out, recipe=recipe, max_context=max_context, max_prefill=max_prefill,
-            force=force, progress=_progress(), verify_tokens=verify_tokens, profile=profile,
-            lookahead=lookahead,
-        )
-        where = ("executorch" + (", with a routing profile" if profile else "")
-                 + (", lookahead" if m["experts"].get("lookahead_op") else ""))  # fmt: skip
+        cfg = open_checkpoint(ckpt).config
+        profile = read_profile(expert_profile, layers=cfg.num_hidden_layers,
+                               experts=cfg.num_local_experts)  # fmt: skip
+    given = {"max_prefill": max_prefill, "profile": profile, "lookahead": lookahead,
+             "deployment_target": deployment_target, "chunk_mb": chunk_mb}  # fmt: skip
+    m = pipeline.convert(t, ckpt, out, recipe=recipe, max_context=max_context, force=force,
+                         progress=_progress(), verify_tokens=verify_tokens,
+                         **{k: v for k, v in given.items() if v is not None and k in t.convert_options})
+    where = pipeline.summary(t, m)
     if option is not None:
         _record_plan(out, m, option, device_name)
     size = sum(f["bytes"] for f in m["files"].values())
@@ -459,9 +439,9 @@ def verify(artifact, reference, tokens, tolerance, as_json) -> None:
         raise ParityError(f"{artifact}: {failure(r)}")
 
 
-from ossedge.convert.cli_bench import bench  # noqa: E402  (commands in their own modules)
-from ossedge.convert.cli_devices import bundle, plan  # noqa: E402
-from ossedge.convert.cli_tokenizer import tokenizer  # noqa: E402
+from ossedge.cli.bench import bench  # noqa: E402  (commands in their own modules)
+from ossedge.cli.devices import bundle, plan  # noqa: E402
+from ossedge.cli.tokenizer import tokenizer  # noqa: E402
 
 cli.add_command(generate)
 cli.add_command(chat)

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ossedge.quantize.recipes import RECIPES
-from ossedge.targets.memory import TARGETS
+from ossedge.targets import TARGETS
 
 
 def _device_help() -> str:
@@ -78,7 +78,7 @@ def format_plan(device, label: str, cfg, options, streaming: dict | None,
 
 @click.command()
 @click.option("--device", "device_name", required=True, help=_device_help())
-@click.option("--target", type=click.Choice(TARGETS), default=None, help="[default: all]")
+@click.option("--target", type=click.Choice(list(TARGETS)), default=None, help="[default: all]")
 @click.option("--recipe", type=click.Choice(list(RECIPES)), default=None, help="[default: all]")
 @click.option("--context", type=click.IntRange(min=1), default=None,
               help="KV cache length in tokens [default: 4096].")
@@ -114,7 +114,7 @@ def plan(device_name, target, recipe, context, model, expert_profile, as_json) -
         routing = f"profile {expert_profile}"
     elif built.get("frequencies"):
         frequencies, routing = built["frequencies"], "the artifact's routing profile"
-    options = make_plan(device, cfg, targets=(target,) if target else TARGETS,
+    options = make_plan(device, cfg, targets=(target,) if target else tuple(TARGETS),
                         recipes=(recipe,) if recipe else None, context=context,
                         frequencies=frequencies)  # fmt: skip
     if not options:
