@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ossedge.benchmarks.roofline import roofline
-from ossedge.runtime.errors import OssedgeError
+from ossedge.runtime.errors import BenchError
 
 SCHEMA = "ossedge-bench/1"
 DEFAULT_PROMPT_LENGTHS = (128, 512, 2048)
@@ -25,10 +25,6 @@ RUNNERS = {"reference": ("python",), "executorch": ("pybindings", "native"),
 # How the native runner holds the .ptd: mapped file pages (a phone's way, the default) or read
 # into anonymous memory with transparent huge pages (a desktop's).
 WEIGHTS = ("mmap", "heap")
-
-
-class BenchError(OssedgeError):
-    """A benchmark cannot run with these inputs."""
 
 
 def native_runner() -> Path:

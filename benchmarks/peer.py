@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from ossedge.benchmarks.harness import BenchError
+from ossedge.runtime.errors import BenchError
 
 INSTALL_HINT = "llama.cpp peer needs llama-cpp-python: pip install llama-cpp-python"
 

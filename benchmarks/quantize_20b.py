@@ -47,7 +47,8 @@ def main() -> None:
     a = p.parse_args()
 
     from ossedge.runtime.config import preset
-    from ossedge.runtime.quantized import read_manifest, recipe_bytes
+    from ossedge.runtime.checkpoint import read_manifest
+    from ossedge.runtime.quantized import recipe_bytes
 
     ckpt = Path(a.ckpt)
     if not ckpt.exists():

@@ -104,7 +104,8 @@ def quantize(ckpt: Path, out: Path, recipe: str, force: bool) -> None:
     """Write CKPT quantized with a recipe to OUT (safetensors + manifest.json), streaming."""
     import time
 
-    from ossedge.runtime.quantized import quantize_checkpoint, read_manifest
+    from ossedge.runtime.quantized import quantize_checkpoint
+    from ossedge.runtime.checkpoint import read_manifest
 
     start = time.perf_counter()
     path = quantize_checkpoint(ckpt, out, recipe=recipe, force=force, progress=_progress())
@@ -147,7 +148,7 @@ def eval_(model, reference, text, window, max_tokens, dtype, expert_cache, cache
     (decode) calls."""
     from ossedge.runtime.evaluate import describe, evaluate
     from ossedge.targets import artifact_format
-    from ossedge.runtime.quantized import sha256_file
+    from ossedge.runtime.atomic import sha256_file
 
     body, label = read_text(text)
     tok_dirs = [_tokenizer_dir(p) for p in (model, reference)]
@@ -338,7 +339,7 @@ def _device_choice(ckpt, device_name, target, recipe, max_context, max_prefill, 
     cfg, _ = model_config(ckpt)
     root, layout = detect_layout(ckpt)
     if layout == "quantized" and recipe is None:
-        from ossedge.runtime.quantized import read_manifest
+        from ossedge.runtime.checkpoint import read_manifest
 
         recipe = read_manifest(root)["recipe"]["name"]
     o = choose(device, cfg, target, recipe=recipe, context=max_context, max_prefill=max_prefill,

@@ -29,7 +29,7 @@ from ossedge.convert.verify import verify_into_manifest
 from ossedge.runtime.atomic import atomic_dir, check_output, write_json
 from ossedge.runtime.config import DEFAULT_CONTEXT, GptOssConfig
 from ossedge.runtime.errors import OssedgeError
-from ossedge.runtime.quantized import sha256_file
+from ossedge.runtime.atomic import sha256_file
 from ossedge.runtime.tokenizer import Tokenizer
 from ossedge.targets import TARGETS, Target
 from ossedge.targets.source import weight_source

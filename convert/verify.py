@@ -37,7 +37,8 @@ from ossedge.runtime.checkpoint import open_checkpoint
 from ossedge.runtime.errors import ArtifactError, ParityError
 from ossedge.runtime.evaluate import default_text, token_metrics
 from ossedge.runtime.model import GptOssModel, build_model
-from ossedge.runtime.quantized import QuantizedCheckpoint, QuantizedView
+from ossedge.runtime.checkpoint import QuantizedCheckpoint
+from ossedge.runtime.quantized import QuantizedView
 from ossedge.runtime.routing import Routing
 from ossedge.runtime.tokenizer import Tokenizer
 from ossedge.targets import TARGETS, open_artifact

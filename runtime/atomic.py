@@ -1,8 +1,10 @@
-"""Write an output directory atomically: build it beside the target, then rename it into place."""
+"""Files on disk: an output directory written atomically (built beside the target, then renamed
+into place), JSON written atomically, and a file's sha256."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -55,3 +57,12 @@ def write_json(path: str | Path, data) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def sha256_file(path: str | Path) -> str:
+    """The file's sha256, read in 16 MiB chunks (bounded memory for any size)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest()

@@ -11,19 +11,26 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
 
 from ossedge.quantize import mxfp4
-from ossedge.quantize.qtensor import QTensor
+from ossedge.quantize.qtensor import QTensor, part_name, part_specs
+from ossedge.runtime.atomic import sha256_file
 from ossedge.runtime.config import GptOssConfig, load_config
 from ossedge.runtime.errors import CheckpointError, ConfigError
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 U8 = (torch.uint8,)
 INDEX_FILE = "model.safetensors.index.json"
+# an ossedge quantized checkpoint (`ossedge quantize`): its manifest and the version read
+MANIFEST = "manifest.json"
+FORMAT = "ossedge-quantized-checkpoint"
+FORMAT_VERSION = 1
 EXPERT_FORMATS = ("mxfp4", "dense")
 
 # OpenAI original name (regex) → canonical HF name. `qkv` is split by `_split_qkv`.
@@ -340,6 +347,114 @@ def _hf_files(root: Path) -> list[Path]:
     return files
 
 
+def is_quantized(root: Path) -> bool:
+    return (root / MANIFEST).is_file()
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    """The validated manifest of a quantized checkpoint; CheckpointError says what is wrong."""
+    path = root / MANIFEST
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(
+            f"{path}: not a readable manifest ({e}); re-run `ossedge quantize` to rebuild it"
+        ) from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an ossedge quantized-checkpoint manifest")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {m.get('format_version')!r}; this ossedge reads version "
+            f"{FORMAT_VERSION} (re-run `ossedge quantize` with this version)"
+        )
+    for key, kind in (("recipe", dict), ("tensors", dict), ("files", dict)):
+        if not isinstance(m.get(key), kind):
+            raise CheckpointError(
+                f"{path}: `{key}` is missing or malformed; re-run `ossedge quantize`"
+            )
+    for fname, f in m["files"].items():
+        if not isinstance(f, dict) or not isinstance(f.get("bytes"), int) or "sha256" not in f:
+            raise CheckpointError(f"{path}: entry for {fname} lacks bytes or sha256")
+        p = root / fname
+        if not p.is_file():
+            raise CheckpointError(f"{p}: missing; the manifest lists it (copy the directory again)")
+        size = p.stat().st_size
+        if size != f["bytes"]:
+            raise CheckpointError(
+                f"{p}: {size} bytes where the manifest says {f['bytes']}; the file is truncated "
+                "or was modified (copy it again or re-run `ossedge quantize`)"
+            )
+    return m
+
+
+def verify_checksums(root: Path, manifest: dict[str, Any], *, progress: bool = False) -> int:
+    """sha256 of every file against the manifest; returns the bytes hashed."""
+    total = sum(f["bytes"] for f in manifest["files"].values())
+    with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=not progress) as bar:
+        for fname, f in manifest["files"].items():
+            if sha256_file(root / fname) != f["sha256"]:
+                raise CheckpointError(
+                    f"{root / fname}: sha256 does not match the manifest; the file is corrupt or "
+                    "was modified (copy it again or re-run `ossedge quantize`)"
+                )
+            bar.update(f["bytes"])
+    return total
+
+
+class QuantizedCheckpoint(Checkpoint):
+    """A validated quantized checkpoint: file sizes, every part's presence, shape and dtype are
+    checked on open; `verify()` also checks every sha256. `weight(name)` gives the logical
+    weight: a plain tensor or a `QTensor` over the mapped parts."""
+
+    def __init__(self, root: Path, cfg: GptOssConfig, *, verify: bool = False) -> None:
+        self.manifest = read_manifest(root)
+        self.recipe = str(self.manifest["recipe"].get("name"))
+        self.formats: dict[str, str] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for name, shape in logical_tensors(cfg):
+            t = self.manifest["tensors"].get(name)
+            if not isinstance(t, dict) or "format" not in t:
+                raise CheckpointError(
+                    f"{root / MANIFEST}: no format for tensor {name}; re-run `ossedge quantize`"
+                )
+            if t["format"] != "keep":
+                try:
+                    part_specs(t["format"], shape)
+                except ValueError as e:
+                    raise CheckpointError(f"{root / MANIFEST}: tensor {name}: {e}") from None
+            self.formats[name] = t["format"]
+            self.shapes[name] = shape
+        files = sorted(root / f for f in self.manifest["files"] if f.endswith(".safetensors"))
+        if verify:
+            verify_checksums(root, self.manifest)
+        super().__init__(root, "quantized", cfg, files)
+
+    def _expert_format(self) -> str:
+        return self.formats["model.layers.0.mlp.experts.gate_up_proj"]
+
+    def _expected(self) -> list[TensorSpec]:
+        specs = []
+        for name, fmt in self.formats.items():
+            if fmt == "keep":
+                specs.append(TensorSpec(name, self.shapes[name], FLOAT_DTYPES))
+                continue
+            for part, (shape, dtype) in part_specs(fmt, self.shapes[name]).items():
+                specs.append(TensorSpec(part_name(name, fmt, part), shape, (dtype,)))
+        return specs
+
+    def verify(self, *, progress: bool = False) -> int:
+        return verify_checksums(self.root, self.manifest, progress=progress)
+
+    def weight(self, name: str, *, copy: bool = False) -> torch.Tensor | QTensor:
+        get = self.read if copy else self.get
+        fmt = self.formats[name]
+        if fmt == "keep":
+            return get(name)
+        parts = {p: get(part_name(name, fmt, p)) for p in part_specs(fmt, self.shapes[name])}
+        return QTensor(fmt, self.shapes[name], parts)
+
+
+
 def detect_layout(path: str | Path) -> tuple[Path, str]:
     """(directory, 'hf' | 'original' | 'quantized') for a checkpoint directory, its `original/`,
     or a file in it."""
@@ -372,8 +487,6 @@ def open_checkpoint(path: str | Path, *, verify: bool = False) -> Checkpoint:
     root, layout = detect_layout(path)
     cfg = load_config(root / "config.json")
     if layout == "quantized":
-        from ossedge.runtime.quantized import QuantizedCheckpoint
-
         return QuantizedCheckpoint(root, cfg, verify=verify)
     files = _hf_files(root) if layout == "hf" else sorted(root.glob("*.safetensors"))
     if not files:

@@ -46,3 +46,7 @@ class BudgetError(OssedgeError):
 
 class KernelError(OssedgeError):
     """The native kernel library is missing or cannot be loaded."""
+
+
+class BenchError(OssedgeError):
+    """A benchmark cannot run with these inputs."""

@@ -127,7 +127,7 @@ def describe(path: str | Path, artifact: str | None = None) -> dict[str, Any]:
     """What a model path is, for the report: layout and, when quantized, the recipe. `artifact`:
     the target name when `path` is an artifact (its manifest gives the recipe)."""
     from ossedge.runtime.checkpoint import detect_layout
-    from ossedge.runtime.quantized import read_manifest
+    from ossedge.runtime.checkpoint import read_manifest
 
     if artifact:
         import json

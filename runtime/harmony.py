@@ -479,29 +479,14 @@ def _segments_to_ids(tokenizer: Tokenizer, segs: list[_Seg]) -> list[int]:
     return ids
 
 
-_PARSER_NAMES = ("Delta", "StreamParser", "parse_completion")
-
-
-def __getattr__(name: str) -> Any:
-    # The parser lives in harmony_parse.py (which imports this module); re-exported lazily here.
-    if name in _PARSER_NAMES:
-        from ossedge.runtime import harmony_parse
-
-        return getattr(harmony_parse, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "CHANNELS",
     "REASONING_EFFORTS",
-    "Delta",
     "Message",
     "ParsedReply",
-    "StreamParser",
     "ToolCall",
     "ToolSpec",
     "developer_text",
-    "parse_completion",
     "render_completion",
     "render_completion_ids",
     "render_conversation",

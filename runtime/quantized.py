@@ -32,21 +32,22 @@ from ossedge import __version__
 from ossedge.quantize.qtensor import QTensor, encode, part_name, part_specs, stored_bytes
 from ossedge.quantize.recipes import DEFAULT_RECIPE, Recipe, RecipeError, get_recipe
 from ossedge.runtime.atomic import atomic_dir
+from ossedge.runtime.atomic import sha256_file
 from ossedge.runtime.checkpoint import (
     EXPERT_WEIGHT_RE,
-    FLOAT_DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
     INDEX_FILE,
+    MANIFEST,
     Checkpoint,
-    TensorSpec,
+    QuantizedCheckpoint,
     logical_tensors,
+    open_checkpoint,
 )
 from ossedge.runtime.config import GptOssConfig
 from ossedge.runtime.errors import CheckpointError, ConfigError
 from ossedge.runtime.safetensors_stream import write_streaming
 
-MANIFEST = "manifest.json"
-FORMAT = "ossedge-quantized-checkpoint"
-FORMAT_VERSION = 1
 SHARD_BYTES = 4 << 30
 # Files carried over from the source checkpoint (or its parent, for the original layout).
 COMPANION_FILES = (
@@ -56,19 +57,6 @@ COMPANION_FILES = (
     "generation_config.json",
     "chat_template.jinja",
 )
-_HASH_CHUNK = 16 << 20
-
-
-def is_quantized(root: Path) -> bool:
-    return (root / MANIFEST).is_file()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # -- sizes ------------------------------------------------------------------------------------
@@ -174,8 +162,6 @@ def quantize_checkpoint(
     shard_bytes: int = SHARD_BYTES,
 ) -> Path:
     """Write `src` quantized with `recipe` to `out` (atomically); return `out`."""
-    from ossedge.runtime.checkpoint import open_checkpoint
-
     rec = get_recipe(recipe)
     ckpt = open_checkpoint(src)
     if isinstance(ckpt, QuantizedCheckpoint):
@@ -271,109 +257,6 @@ def _write_json(path: Path, obj: Any, files: dict[str, dict[str, Any]]) -> None:
 
 
 # -- reading ----------------------------------------------------------------------------------
-
-
-def read_manifest(root: Path) -> dict[str, Any]:
-    """The validated manifest of a quantized checkpoint; CheckpointError says what is wrong."""
-    path = root / MANIFEST
-    try:
-        m = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(
-            f"{path}: not a readable manifest ({e}); re-run `ossedge quantize` to rebuild it"
-        ) from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not an ossedge quantized-checkpoint manifest")
-    if m.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: format_version {m.get('format_version')!r}; this ossedge reads version "
-            f"{FORMAT_VERSION} (re-run `ossedge quantize` with this version)"
-        )
-    for key, kind in (("recipe", dict), ("tensors", dict), ("files", dict)):
-        if not isinstance(m.get(key), kind):
-            raise CheckpointError(
-                f"{path}: `{key}` is missing or malformed; re-run `ossedge quantize`"
-            )
-    for fname, f in m["files"].items():
-        if not isinstance(f, dict) or not isinstance(f.get("bytes"), int) or "sha256" not in f:
-            raise CheckpointError(f"{path}: entry for {fname} lacks bytes or sha256")
-        p = root / fname
-        if not p.is_file():
-            raise CheckpointError(f"{p}: missing; the manifest lists it (copy the directory again)")
-        size = p.stat().st_size
-        if size != f["bytes"]:
-            raise CheckpointError(
-                f"{p}: {size} bytes where the manifest says {f['bytes']}; the file is truncated "
-                "or was modified (copy it again or re-run `ossedge quantize`)"
-            )
-    return m
-
-
-def verify_checksums(root: Path, manifest: dict[str, Any], *, progress: bool = False) -> int:
-    """sha256 of every file against the manifest; returns the bytes hashed."""
-    total = sum(f["bytes"] for f in manifest["files"].values())
-    with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=not progress) as bar:
-        for fname, f in manifest["files"].items():
-            if sha256_file(root / fname) != f["sha256"]:
-                raise CheckpointError(
-                    f"{root / fname}: sha256 does not match the manifest; the file is corrupt or "
-                    "was modified (copy it again or re-run `ossedge quantize`)"
-                )
-            bar.update(f["bytes"])
-    return total
-
-
-class QuantizedCheckpoint(Checkpoint):
-    """A validated quantized checkpoint: file sizes, every part's presence, shape and dtype are
-    checked on open; `verify()` also checks every sha256. `weight(name)` gives the logical
-    weight: a plain tensor or a `QTensor` over the mapped parts."""
-
-    def __init__(self, root: Path, cfg: GptOssConfig, *, verify: bool = False) -> None:
-        self.manifest = read_manifest(root)
-        self.recipe = str(self.manifest["recipe"].get("name"))
-        self.formats: dict[str, str] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        for name, shape in logical_tensors(cfg):
-            t = self.manifest["tensors"].get(name)
-            if not isinstance(t, dict) or "format" not in t:
-                raise CheckpointError(
-                    f"{root / MANIFEST}: no format for tensor {name}; re-run `ossedge quantize`"
-                )
-            if t["format"] != "keep":
-                try:
-                    part_specs(t["format"], shape)
-                except ValueError as e:
-                    raise CheckpointError(f"{root / MANIFEST}: tensor {name}: {e}") from None
-            self.formats[name] = t["format"]
-            self.shapes[name] = shape
-        files = sorted(root / f for f in self.manifest["files"] if f.endswith(".safetensors"))
-        if verify:
-            verify_checksums(root, self.manifest)
-        super().__init__(root, "quantized", cfg, files)
-
-    def _expert_format(self) -> str:
-        return self.formats["model.layers.0.mlp.experts.gate_up_proj"]
-
-    def _expected(self) -> list[TensorSpec]:
-        specs = []
-        for name, fmt in self.formats.items():
-            if fmt == "keep":
-                specs.append(TensorSpec(name, self.shapes[name], FLOAT_DTYPES))
-                continue
-            for part, (shape, dtype) in part_specs(fmt, self.shapes[name]).items():
-                specs.append(TensorSpec(part_name(name, fmt, part), shape, (dtype,)))
-        return specs
-
-    def verify(self, *, progress: bool = False) -> int:
-        return verify_checksums(self.root, self.manifest, progress=progress)
-
-    def weight(self, name: str, *, copy: bool = False) -> torch.Tensor | QTensor:
-        get = self.read if copy else self.get
-        fmt = self.formats[name]
-        if fmt == "keep":
-            return get(name)
-        parts = {p: get(part_name(name, fmt, p)) for p in part_specs(fmt, self.shapes[name])}
-        return QTensor(fmt, self.shapes[name], parts)
 
 
 class QuantizedView:

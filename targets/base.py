@@ -121,7 +121,7 @@ def read_manifest(root: Path, *, fmt: str, what: str, contract: int | tuple[int,
     """An artifact's manifest.json, after checking its format (`fmt`, e.g. "ossedge-onnx"), its
     contract version, and that each of `files` (default: every file it lists) is there with the
     recorded size and, with `checksums`, sha256. `what` names the artifact kind in errors."""
-    from ossedge.runtime.quantized import sha256_file
+    from ossedge.runtime.atomic import sha256_file
 
     file = root / "manifest.json"
     try:

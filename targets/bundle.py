@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ossedge.runtime.errors import ArtifactError, OssedgeError
-from ossedge.runtime.quantized import sha256_file as _sha256
+from ossedge.runtime.atomic import sha256_file as _sha256
 from ossedge.targets import TARGETS, target_of
 
 FORMAT = "ossedge-bundle"

@@ -18,7 +18,8 @@ def weight_source(ckpt_path: str | Path, recipe: str | None, *, default: str | N
     default recipe."""
     from ossedge.quantize.recipes import DEFAULT_RECIPE
     from ossedge.runtime.checkpoint import open_checkpoint
-    from ossedge.runtime.quantized import QuantizedCheckpoint, QuantizedView
+    from ossedge.runtime.checkpoint import QuantizedCheckpoint
+    from ossedge.runtime.quantized import QuantizedView
 
     ckpt = open_checkpoint(ckpt_path)
     if isinstance(ckpt, QuantizedCheckpoint):

@@ -23,7 +23,8 @@ from ossedge.targets.coreml.runner import CoreMLArtifactError, CoreMLModel
 from ossedge.targets.coreml.checks import check_structure
 from ossedge.targets.coreml.interpreter import MilError, MilPackage, quiet_coremltools, unpack_bits
 from ossedge.runtime.model import build_model, rms_norm, rope_tables
-from ossedge.runtime.quantized import QuantizedView, sha256_file
+from ossedge.runtime.quantized import QuantizedView
+from ossedge.runtime.atomic import sha256_file
 from ossedge.convert.pipeline import convert as convert_to
 from ossedge.targets.coreml.convert import CoreMLExportError
 

@@ -99,7 +99,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """)
     assert int(peak[-1]) <= RSS_LIMIT_QUANTIZE
     from ossedge.runtime.config import preset
-    from ossedge.runtime.quantized import read_manifest, recipe_bytes
+    from ossedge.runtime.checkpoint import read_manifest
+    from ossedge.runtime.quantized import recipe_bytes
 
     m = read_manifest(out)
     predicted = recipe_bytes(preset("20b"), "mobile")["total"]

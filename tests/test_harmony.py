@@ -4,15 +4,14 @@ from hypothesis import strategies as st
 from ossedge.runtime.errors import HarmonyError
 from ossedge.runtime.harmony import (
     Message,
-    StreamParser,
     ToolSpec,
-    parse_completion,
     render_completion,
     render_completion_ids,
     render_conversation,
     render_ids,
     schema_to_typescript,
 )
+from ossedge.runtime.harmony_parse import StreamParser, parse_completion
 from ossedge.runtime.tokenizer import Tokenizer, build_synthetic_tokenizer
 
 WEATHER = ToolSpec(

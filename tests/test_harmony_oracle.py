@@ -15,11 +15,10 @@ from ossedge.runtime.harmony import (
     DEFAULT_IDENTITY,
     DEFAULT_KNOWLEDGE_CUTOFF,
     Message,
-    StreamParser,
     ToolSpec,
-    parse_completion,
     render_conversation,
 )
+from ossedge.runtime.harmony_parse import StreamParser, parse_completion
 from ossedge.runtime.tokenizer import Tokenizer, build_synthetic_tokenizer, special_layout
 
 R = oh.Role

@@ -18,12 +18,8 @@ from ossedge.quantize.recipes import RECIPES
 from ossedge.runtime.checkpoint import logical_tensors, open_checkpoint
 from ossedge.runtime.errors import CheckpointError, ConfigError
 from ossedge.runtime.model import build_model, load_model
-from ossedge.runtime.quantized import (
-    MANIFEST,
-    QuantizedView,
-    quantize_checkpoint,
-    recipe_bytes,
-)
+from ossedge.runtime.checkpoint import MANIFEST
+from ossedge.runtime.quantized import QuantizedView, quantize_checkpoint, recipe_bytes
 
 IDS = torch.tensor([[5, 17, 300, 2, 99, 41, 7, 260, 511, 3, 18, 77]])
 
