@@ -5,7 +5,6 @@ every raw timing (schema `ossedge-bench/1`, checked by `validate`)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import statistics
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ossedge.benchmarks.roofline import roofline
+from ossedge.runtime.atomic import sha256_file
 from ossedge.runtime.errors import BenchError
 
 SCHEMA = "ossedge-bench/1"
@@ -57,19 +57,16 @@ def describe_model(path: Path, backend: str) -> dict[str, Any]:
             "path": str(path), "format": f"checkpoint ({ckpt.layout})", "recipe": recipe,
             "max_context": ckpt.config.max_position_embeddings,
             "vocab_size": ckpt.config.vocab_size,
-            "manifest_sha256": _sha(manifest) if manifest.is_file() else None,
-            "config_sha256": _sha(path / "config.json") if (path / "config.json").is_file()
+            "manifest_sha256": sha256_file(manifest) if manifest.is_file() else None,
+            "config_sha256": sha256_file(path / "config.json") if (path / "config.json").is_file()
             else None,
         }
     m = json.loads((path / "manifest.json").read_text())
     return {"path": str(path), "format": m["format"], "recipe": m["recipe"],
             "max_context": m["max_context"], "vocab_size": m["config"]["vocab_size"],
-            "manifest_sha256": _sha(path / "manifest.json"),
+            "manifest_sha256": sha256_file(path / "manifest.json"),
             "contract_version": m.get("contract_version")}
 
-
-def _sha(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
 def versions() -> dict[str, str | None]:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from ossedge.benchmarks.recipe_table import _ossedge
+from ossedge.runtime.atomic import write_json
 
 
 def main() -> None:
@@ -71,7 +72,7 @@ def main() -> None:
         "model": model, "layers": store["layers"], "experts": experts, "top_k": k, "rows": rows,
     }  # fmt: skip
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(a.out / "summary.json", summary)
     lines = [
         f"Model: {model}; {rows[0]['tokens_scored']} tokens scored in decode calls; "
         f"{store['layers']} layers × {experts} experts, {k} per token; reference perplexity "

@@ -20,6 +20,7 @@ summary-skewed.json), one raw JSON per run and report.md with plots.
 """
 
 from __future__ import annotations
+from ossedge.runtime.atomic import write_json
 
 import argparse
 import json
@@ -99,7 +100,7 @@ def run_one(artifact: Path, mode: str, limit_gib: int | None, a, out: Path) -> d
         return row
     raw = json.loads(p.stdout.strip().splitlines()[-1])
     name = f"{mode}-{limit_gib or 'unconstrained'}"
-    (out / f"{name}.json").write_text(json.dumps(raw, indent=2) + "\n")
+    write_json(out / f"{name}.json", raw)
     r = raw["runs"][0]
     io = r["decode_io"]
     tokens = a.gen_tokens - 1
@@ -241,7 +242,7 @@ def main() -> None:
         "unconstrained_decode_tok_s": unconstrained, "runs": runs,
     }  # fmt: skip
     stem = "summary" if a.routing == "uniform" else f"summary-{a.routing}"
-    (a.out / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(a.out / f"{stem}.json", summary)
     report(summary, a.out, stem)
     print(f"wrote {a.out / (stem + '.json')}", file=sys.stderr)
     if a.save:
@@ -269,7 +270,7 @@ def save(summary: dict[str, Any]) -> None:
         "runs": [{k: r.get(k) for k in keep} for r in summary["runs"]],
     }  # fmt: skip
     path = Path(targets.__file__).parent / "data" / "streaming.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(path, out)
     print(f"wrote {path}", file=sys.stderr)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -106,9 +105,9 @@ def run(model, backend, runner, device, prompt_lengths, gen_tokens, runs, warmup
 
 
 def _write(out: Path, r: dict) -> None:
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(r, indent=2) + "\n")
-    tmp.replace(out)
+    from ossedge.runtime.atomic import write_json
+
+    write_json(out, r)
     for x in r["results"]:
         click.echo(
             f"{r['backend']}/{r['runner']} prompt {x['prompt_tokens']:>5}: load "

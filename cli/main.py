@@ -355,12 +355,10 @@ def _device_choice(ckpt, device_name, target, recipe, max_context, max_prefill, 
 
 def _record_plan(out: Path, manifest: dict, option, device_name: str) -> None:
     """Add the device plan to the artifact's manifest (written atomically)."""
-    import os
+    from ossedge.runtime.atomic import write_json
 
     manifest["device_plan"] = {"device": device_name, **option.to_dict()}
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / "manifest.json")
+    write_json(out / "manifest.json", manifest)
 
 
 

@@ -52,6 +52,29 @@ ORIGINAL_RENAMES: tuple[tuple[str, str], ...] = (
     (r"block\.(\d+)\.mlp\.mlp2_weight\.scales", r"model.layers.\1.mlp.experts.down_proj_scales"),
     (r"block\.(\d+)\.mlp\.mlp2_bias", r"model.layers.\1.mlp.experts.down_proj_bias"),
 )
+# Each layer's weights under "model.layers.{n}.", by the short names the models (the reference,
+# the exportable ExecuTorch one, the trainer) give them.
+ATTENTION_WEIGHTS = {
+    "q_w": "self_attn.q_proj.weight",
+    "q_b": "self_attn.q_proj.bias",
+    "k_w": "self_attn.k_proj.weight",
+    "k_b": "self_attn.k_proj.bias",
+    "v_w": "self_attn.v_proj.weight",
+    "v_b": "self_attn.v_proj.bias",
+    "o_w": "self_attn.o_proj.weight",
+    "o_b": "self_attn.o_proj.bias",
+    "sinks": "self_attn.sinks",
+}
+MLP_WEIGHTS = {
+    "router_w": "mlp.router.weight",
+    "router_b": "mlp.router.bias",
+    "gate_up": "mlp.experts.gate_up_proj",
+    "gate_up_b": "mlp.experts.gate_up_proj_bias",
+    "down": "mlp.experts.down_proj",
+    "down_b": "mlp.experts.down_proj_bias",
+}
+NORM_WEIGHTS = {"attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight"}
+
 QKV_RE = re.compile(r"block\.(\d+)\.attn\.qkv\.(weight|bias)")
 EXPERT_WEIGHT_RE = re.compile(r"model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)")
 

@@ -23,7 +23,7 @@ from ossedge.quantize.intq import (
 )
 from ossedge.quantize.qtensor import QTensor
 from ossedge.runtime.cache import KVCache
-from ossedge.runtime.checkpoint import open_checkpoint
+from ossedge.runtime.checkpoint import ATTENTION_WEIGHTS, MLP_WEIGHTS, NORM_WEIGHTS, open_checkpoint
 from ossedge.runtime.config import GptOssConfig
 from torch import nn
 
@@ -283,25 +283,7 @@ class GptOssModel(nn.Module):
         return linear(x, self.lm_head, None, self.act)
 
 
-_ATTN = {
-    "q_w": "self_attn.q_proj.weight",
-    "q_b": "self_attn.q_proj.bias",
-    "k_w": "self_attn.k_proj.weight",
-    "k_b": "self_attn.k_proj.bias",
-    "v_w": "self_attn.v_proj.weight",
-    "v_b": "self_attn.v_proj.bias",
-    "o_w": "self_attn.o_proj.weight",
-    "o_b": "self_attn.o_proj.bias",
-    "sinks": "self_attn.sinks",
-}
-_MLP = {
-    "router_w": "mlp.router.weight",
-    "router_b": "mlp.router.bias",
-    "gate_up": "mlp.experts.gate_up_proj",
-    "gate_up_b": "mlp.experts.gate_up_proj_bias",
-    "down": "mlp.experts.down_proj",
-    "down_b": "mlp.experts.down_proj_bias",
-}
+_ATTN, _MLP = ATTENTION_WEIGHTS, MLP_WEIGHTS
 
 
 def build_model(
@@ -331,7 +313,7 @@ def build_model(
         attn.act = act
         # dense experts stay in their stored dtype: a selected expert is cast when used
         mlp = {k: weight(p + v, cast=k not in ("gate_up", "down")) for k, v in _MLP.items()}
-        norm_names = ("input_layernorm.weight", "post_attention_layernorm.weight")
+        norm_names = tuple(NORM_WEIGHTS.values())
         norms = (weight(p + norm_names[0]), weight(p + norm_names[1]))
         experts = Experts(cfg, mlp, dtype=dtype, activations=expert_activations)
         blocks.append(Block(attn, experts, norms))

@@ -18,7 +18,6 @@ one back through the same interface as `Checkpoint`, so the reference runtime ru
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import shutil
 from collections.abc import Iterator
@@ -31,8 +30,7 @@ from tqdm import tqdm
 from ossedge import __version__
 from ossedge.quantize.qtensor import QTensor, encode, part_name, part_specs, stored_bytes
 from ossedge.quantize.recipes import DEFAULT_RECIPE, Recipe, RecipeError, get_recipe
-from ossedge.runtime.atomic import atomic_dir
-from ossedge.runtime.atomic import sha256_file
+from ossedge.runtime.atomic import atomic_dir, sha256_file, write_json
 from ossedge.runtime.checkpoint import (
     EXPERT_WEIGHT_RE,
     FORMAT,
@@ -246,14 +244,14 @@ def quantize_checkpoint(
             "total_bytes": sum(f["bytes"] for f in files.values()),
             "bytes_by_format": by_format,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        write_json(tmp / MANIFEST, manifest)
     return Path(out)
 
 
 def _write_json(path: Path, obj: Any, files: dict[str, dict[str, Any]]) -> None:
-    data = (json.dumps(obj, indent=2) + "\n").encode()
-    path.write_bytes(data)
-    files[path.name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    """Write `obj` and list the file in `files` with its size and sha256."""
+    write_json(path, obj)
+    files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 # -- reading ----------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ original layouts of one seed hold identical weights. Tensors are produced in row
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import zlib
@@ -20,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from ossedge.quantize import mxfp4
-from ossedge.runtime.atomic import atomic_dir
+from ossedge.runtime.atomic import atomic_dir, write_json
 from ossedge.runtime.checkpoint import INDEX_FILE, TensorSpec, expected_tensors, original_name
 from ossedge.runtime.config import (
     MXFP4_QUANTIZATION_CONFIG,
@@ -245,7 +244,7 @@ def synthesize(
             ids["<|endoftext|>"],
             ids["<|startoftext|>"],
         )
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        write_json(tmp / "generation_config.json", gen)
         if layout == "hf":
             _write_hf(tmp, cfg, specs, counted, shard_bytes)
         else:
@@ -283,7 +282,7 @@ def _check_original_expressible(cfg: GptOssConfig) -> None:
 
 
 def _write_hf(tmp: Path, cfg: GptOssConfig, specs, counted, shard_bytes: int) -> None:
-    (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
+    write_json(tmp / "config.json", cfg.to_hf_dict())
     by_name = {s.name: s for s in specs}
     shards = _plan_shards(specs, shard_bytes)
     weight_map: dict[str, str] = {}
@@ -297,11 +296,11 @@ def _write_hf(tmp: Path, cfg: GptOssConfig, specs, counted, shard_bytes: int) ->
         weight_map.update({s.name: fname for s in shard})
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        write_json(tmp / INDEX_FILE, index)
 
 
 def _write_original(tmp: Path, cfg: GptOssConfig, specs, counted) -> None:
-    (tmp / "config.json").write_text(json.dumps(cfg.to_original_dict(), indent=2) + "\n")
+    write_json(tmp / "config.json", cfg.to_original_dict())
     by_name = {s.name: s for s in specs}
     items: list[tuple[str, tuple[int, ...], torch.dtype]] = []
     parts: dict[str, list[TensorSpec]] = {}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ossedge.runtime.errors import ArtifactError, OssedgeError
-from ossedge.runtime.atomic import sha256_file as _sha256
+from ossedge.runtime.atomic import sha256_file as _sha256, write_json
 from ossedge.targets import TARGETS, target_of
 
 FORMAT = "ossedge-bundle"
@@ -192,7 +192,7 @@ def make_bundle(
             "files": dict(sorted(files.items())),
             "total_bytes": sum(f["bytes"] for f in files.values()),
         }
-        (tmp / MANIFEST).write_text(json.dumps(bundle, indent=2) + "\n")
+        write_json(tmp / MANIFEST, bundle)
     return bundle
 
 

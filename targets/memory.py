@@ -28,7 +28,6 @@ HOST_BYTES = {"python": (300_000_000, 150_000_000), "app": (130_000_000, 20_000_
 # Fraction of the experts a streaming run keeps in the page cache at least: below it, each token's
 # experts are read from flash again.
 STREAM_MIN_EXPERT_FRACTION = 0.15
-DEFAULT_CONTEXT = 4096
 
 
 @dataclass(frozen=True)

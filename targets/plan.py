@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from ossedge.quantize.recipes import DEFAULT_RECIPE
-from ossedge.runtime.config import GptOssConfig
+from ossedge.runtime.config import DEFAULT_CONTEXT, GptOssConfig
 from ossedge.runtime.errors import BudgetError, OssedgeError
 from ossedge.targets import TARGETS
 from ossedge.targets.devices import Device
 from ossedge.targets.memory import (
-    DEFAULT_CONTEXT,
     Footprint,
     decode_read_bytes,
     footprint,

@@ -24,8 +24,8 @@ WINDOW = 256
 
 
 def _train_script():
-    """benchmarks/train_tiny.py (for its split function), loaded from the source tree."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_tiny.py"
+    """assets/train.py (for its split function), loaded from the source tree."""
+    path = Path(__file__).resolve().parents[1] / "assets" / "train.py"
     spec = importlib.util.spec_from_file_location("train_tiny", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

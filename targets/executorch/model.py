@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ossedge.quantize.qtensor import INT4_GROUP, QTensor, part_specs
+from ossedge.runtime.checkpoint import ATTENTION_WEIGHTS, MLP_WEIGHTS, NORM_WEIGHTS
 from ossedge.runtime.config import GptOssConfig
 from ossedge.runtime.model import SWIGLU_ALPHA, rope_tables
 from ossedge.targets.executorch import ops  # noqa: F401  (registers ossedge::moe_*)
@@ -237,25 +238,7 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
-_ATTN = {
-    "q_w": "self_attn.q_proj.weight",
-    "q_b": "self_attn.q_proj.bias",
-    "k_w": "self_attn.k_proj.weight",
-    "k_b": "self_attn.k_proj.bias",
-    "v_w": "self_attn.v_proj.weight",
-    "v_b": "self_attn.v_proj.bias",
-    "o_w": "self_attn.o_proj.weight",
-    "o_b": "self_attn.o_proj.bias",
-    "sinks": "self_attn.sinks",
-}
-_MLP = {
-    "router_w": "mlp.router.weight",
-    "router_b": "mlp.router.bias",
-    "gate_up": "mlp.experts.gate_up_proj",
-    "gate_up_b": "mlp.experts.gate_up_proj_bias",
-    "down": "mlp.experts.down_proj",
-    "down_b": "mlp.experts.down_proj_bias",
-}
+_ATTN, _MLP = ATTENTION_WEIGHTS, MLP_WEIGHTS
 
 
 class ExportableGptOss(nn.Module):
@@ -308,7 +291,7 @@ class ExportableGptOss(nn.Module):
                 }
             norms = tuple(
                 source.weight(p + s)
-                for s in ("input_layernorm.weight", "post_attention_layernorm.weight")
+                for s in NORM_WEIGHTS.values()
             )
             blocks.append(
                 Block(

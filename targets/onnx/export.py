@@ -20,7 +20,6 @@ ONNX Runtime's contrib operators (domain com.microsoft):
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from ossedge.quantize.qtensor import QTensor
 from ossedge.runtime.errors import OssedgeError
+from ossedge.runtime.atomic import write_json
 
 MODEL, DATA, TOKENIZER, MANIFEST, GENAI = (
     "model.onnx", "model.onnx.data", "tokenizer.json", "manifest.json", "genai_config.json"
@@ -318,7 +318,7 @@ def _tokenizer_config(ckpt: Path, dst: Path, max_context: int) -> None:
         return
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_context,
               "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False}
-    dst.write_text(json.dumps(config, indent=2) + "\n")
+    write_json(dst, config)
 
 
 def check_options(options: dict[str, Any]) -> None:
@@ -335,7 +335,7 @@ def write(job, tmp: Path) -> dict[str, Any]:
     cfg = job.config
     job.stage("graph")
     facts = build_graph(job.source, tmp, job.context, job.progress)
-    (tmp / GENAI).write_text(json.dumps(genai_config(cfg, job.context), indent=2) + "\n")
+    write_json(tmp / GENAI, genai_config(cfg, job.context))
     _tokenizer_config(job.ckpt, tmp / TOKENIZER_CONFIG, job.context)
     bits = facts["expert_bits"]
     return {

@@ -43,7 +43,12 @@ from ossedge.runtime.config import (
     GptOssConfig,
     preset,
 )
+from ossedge.runtime.checkpoint import ATTENTION_WEIGHTS, MLP_WEIGHTS, NORM_WEIGHTS
 from ossedge.runtime.model import SWIGLU_ALPHA, apply_rope, rms_norm, rope_tables
+
+# The tensors saved as they are (bf16); the experts' weights go through the MXFP4 encoder.
+_SAVED = {**NORM_WEIGHTS, **ATTENTION_WEIGHTS,
+          **{k: v for k, v in MLP_WEIGHTS.items() if k not in ("gate_up", "down")}}
 
 VOCAB = 4096
 SEQ = 256
@@ -161,7 +166,7 @@ class TrainModel(nn.Module):
         self.layers = nn.ModuleList()
         for _ in range(cfg.num_hidden_layers):
             m = nn.Module()
-            m.in_norm, m.post_norm = p(h, fill=1.0), p(h, fill=1.0)
+            m.attn_norm, m.mlp_norm = p(h, fill=1.0), p(h, fill=1.0)
             m.q_w, m.q_b = p(cfg.q_size, h), p(cfg.q_size, fill=0.0)
             m.k_w, m.k_b = p(cfg.kv_size, h), p(cfg.kv_size, fill=0.0)
             m.v_w, m.v_b = p(cfg.kv_size, h), p(cfg.kv_size, fill=0.0)
@@ -229,8 +234,8 @@ class TrainModel(nn.Module):
         x = F.embedding(ids, self.embed)
         aux = x.new_zeros(())
         for n, m in enumerate(self.layers):
-            x = x + self.attention(m, rms_norm(x, m.in_norm, cfg.rms_norm_eps), rope, n)
-            y, a = self.experts(m, rms_norm(x, m.post_norm, cfg.rms_norm_eps), qat)
+            x = x + self.attention(m, rms_norm(x, m.attn_norm, cfg.rms_norm_eps), rope, n)
+            y, a = self.experts(m, rms_norm(x, m.mlp_norm, cfg.rms_norm_eps), qat)
             x, aux = x + y, aux + a
         x = rms_norm(x, self.norm, cfg.rms_norm_eps)
         return F.linear(x, self.lm_head), aux / cfg.num_hidden_layers
@@ -241,18 +246,7 @@ class TrainModel(nn.Module):
         out = {"model.embed_tokens.weight": self.embed.detach().to(bf)}
         for n, m in enumerate(self.layers):
             p = f"model.layers.{n}."
-            named = {
-                "input_layernorm.weight": m.in_norm,
-                "post_attention_layernorm.weight": m.post_norm,
-                "self_attn.q_proj.weight": m.q_w, "self_attn.q_proj.bias": m.q_b,
-                "self_attn.k_proj.weight": m.k_w, "self_attn.k_proj.bias": m.k_b,
-                "self_attn.v_proj.weight": m.v_w, "self_attn.v_proj.bias": m.v_b,
-                "self_attn.o_proj.weight": m.o_w, "self_attn.o_proj.bias": m.o_b,
-                "self_attn.sinks": m.sinks,
-                "mlp.router.weight": m.router_w, "mlp.router.bias": m.router_b,
-                "mlp.experts.gate_up_proj_bias": m.gate_up_b,
-                "mlp.experts.down_proj_bias": m.down_b,
-            }  # fmt: skip
+            named = {name: getattr(m, short) for short, name in _SAVED.items()}
             out.update({p + k: v.detach().to(bf).contiguous() for k, v in named.items()})
             for name, w in (("gate_up_proj", m.gate_up), ("down_proj", m.down)):
                 blocks, scales = mxfp4.quantize(w.detach())
@@ -270,18 +264,7 @@ class TrainModel(nn.Module):
             self.lm_head.copy_(tensors["lm_head.weight"].float())
             for n, m in enumerate(self.layers):
                 p = f"model.layers.{n}."
-                for attr, name in (
-                    ("in_norm", "input_layernorm.weight"),
-                    ("post_norm", "post_attention_layernorm.weight"),
-                    ("q_w", "self_attn.q_proj.weight"), ("q_b", "self_attn.q_proj.bias"),
-                    ("k_w", "self_attn.k_proj.weight"), ("k_b", "self_attn.k_proj.bias"),
-                    ("v_w", "self_attn.v_proj.weight"), ("v_b", "self_attn.v_proj.bias"),
-                    ("o_w", "self_attn.o_proj.weight"), ("o_b", "self_attn.o_proj.bias"),
-                    ("sinks", "self_attn.sinks"),
-                    ("router_w", "mlp.router.weight"), ("router_b", "mlp.router.bias"),
-                    ("gate_up_b", "mlp.experts.gate_up_proj_bias"),
-                    ("down_b", "mlp.experts.down_proj_bias"),
-                ):  # fmt: skip
+                for attr, name in _SAVED.items():
                     getattr(m, attr).copy_(tensors[p + name].float())
                 for attr, name in (("gate_up", "gate_up_proj"), ("down", "down_proj")):
                     x = p + f"mlp.experts.{name}"
@@ -383,7 +366,7 @@ def unigram_perplexity(train_ids: torch.Tensor, ids: list[int], vocab: int) -> f
 def main() -> None:
     from safetensors.torch import save_file
 
-    from ossedge.runtime.atomic import atomic_dir
+    from ossedge.runtime.atomic import atomic_dir, write_json
     from ossedge.runtime.synth import generation_config
     from ossedge.runtime.tokenizer import (
         SMALL_SPECIAL_COUNT,
@@ -428,14 +411,14 @@ def main() -> None:
     eval_ids = tok.encode(held)
     with atomic_dir(a.output, force=a.force) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
+        write_json(tmp / "config.json", cfg.to_hf_dict())
         tok.backend.save(str(tmp / "tokenizer.json"))
         gen = generation_config(
             [ids["<|return|>"], ids["<|endoftext|>"], ids["<|call|>"]],
             ids["<|endoftext|>"],
             ids["<|startoftext|>"],
         )
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        write_json(tmp / "generation_config.json", gen)
 
         # The written checkpoint, run by the reference runtime, is the trained module.
         from ossedge.runtime import load_model
@@ -468,7 +451,7 @@ def main() -> None:
             "runtime_parity_max_abs": parity,
             "command": "python -m ossedge.benchmarks.train_tiny " + " ".join(sys.argv[1:]),
         }
-        (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+        write_json(tmp / "training.json", info)
         (tmp / "README.md").write_text(_readme(cfg, info))
     print(json.dumps(info, indent=2))
 
