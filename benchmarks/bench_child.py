@@ -18,10 +18,13 @@ import resource
 import sys
 import time
 
+from ossedge.benchmarks.harness import BACKENDS
+
 
 def load(backend: str, model: str, threads: int | None = None, expert_cache: str = "auto",
          routing: tuple[int, int | None] = (0, None)):  # fmt: skip
-    """(model, vocab size) with the reference runtime's generation contract."""
+    """(model, vocab size) with the reference runtime's generation contract: a checkpoint in the
+    reference runtime, or an artifact opened by its target (each takes the options it has)."""
     if backend == "reference":
         import torch
 
@@ -29,18 +32,11 @@ def load(backend: str, model: str, threads: int | None = None, expert_cache: str
 
         m = load_model(model, dtype=torch.float32)
         return m, m.config.vocab_size
-    if backend == "onnx":
-        from ossedge.targets.onnx.runner import OnnxModel
-
-        m = OnnxModel(model, threads=threads)
-        return m, m.config.vocab_size
+    from ossedge.runtime.expert_cache import parse_option
     from ossedge.targets import open_artifact
 
-    from ossedge.runtime.expert_cache import parse_option
-
-    m = open_artifact(model, engine="coreml" if backend == "coreml" else "auto",
-                      expert_cache=parse_option(expert_cache), cache_aware_routing=routing[0],
-                      routing_pool=routing[1])  # fmt: skip
+    m = open_artifact(model, threads=threads, expert_cache=parse_option(expert_cache),
+                      cache_aware_routing=routing[0], routing_pool=routing[1])  # fmt: skip
     return m, m.config.vocab_size
 
 
@@ -104,7 +100,7 @@ def one_run(model, ids, gen: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backend", required=True, choices=["reference", "executorch", "coreml", "onnx"])
+    p.add_argument("--backend", required=True, choices=BACKENDS)
     p.add_argument("--model", required=True)
     p.add_argument("--prompt-length", type=int, default=128)
     p.add_argument("--gen-tokens", type=int, default=32)
@@ -125,10 +121,6 @@ def main(argv: list[str] | None = None) -> None:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-        if a.backend == "executorch":
-            from executorch.extension.pybindings import portable_lib
-
-            portable_lib._unsafe_reset_threadpool(a.threads)
     t0 = time.perf_counter()
     model, vocab = load(a.backend, a.model, a.threads, a.expert_cache,
                         (a.cache_aware_routing, a.routing_pool))

@@ -88,7 +88,7 @@ def main() -> None:
     a = p.parse_args()
 
     from ossedge.runtime.config import config_from_hf_dict
-    from ossedge.targets.memory import executorch_footprint
+    from ossedge.targets.executorch.memory import executorch_footprint
 
     art = Path(a.artifact)
     manifest = json.loads((art / "manifest.json").read_text())

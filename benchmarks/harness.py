@@ -16,15 +16,26 @@ from typing import Any
 from ossedge.benchmarks.roofline import roofline
 from ossedge.runtime.atomic import sha256_file
 from ossedge.runtime.errors import BenchError
+from ossedge.targets import DEFAULT_TARGET, TARGETS
 
 SCHEMA = "ossedge-bench/1"
 DEFAULT_PROMPT_LENGTHS = (128, 512, 2048)
-BACKENDS = ("reference", "executorch", "coreml", "onnx")
-RUNNERS = {"reference": ("python",), "executorch": ("pybindings", "native"),
-           "coreml": ("coremltools",), "onnx": ("onnxruntime",)}
+# the reference runtime on a checkpoint, or a target's artifact with its runners (registry order)
+BACKENDS = ("reference", *TARGETS)
+RUNNERS = {"reference": ("python",), **{name: t.runners for name, t in TARGETS.items()}}
+SYSTEM_NAMES = {"Darwin": "macOS"}
 # How the native runner holds the .ptd: mapped file pages (a phone's way, the default) or read
 # into anonymous memory with transparent huge pages (a desktop's).
 WEIGHTS = ("mmap", "heap")
+
+
+def _takes(backend: str, option: str) -> bool:
+    """Whether `backend`'s artifacts open with `option` (an expert cache, cache-aware routing)."""
+    return backend in TARGETS and option in TARGETS[backend].open_options
+
+
+def _owners(option: str) -> str:
+    return " or ".join(t.title for t in TARGETS.values() if option in t.open_options)
 
 
 def native_runner() -> Path:
@@ -39,8 +50,7 @@ def describe_model(path: Path, backend: str) -> dict[str, Any]:
     from ossedge.targets import artifact_format
 
     kind = artifact_format(path)
-    want = {"reference": None, "executorch": "executorch", "coreml": "coreml", "onnx": "onnx"}[
-        backend]
+    want = None if backend == "reference" else backend
     if kind != want:
         if backend == "reference":
             raise BenchError(f"{path} is a {kind} artifact; the reference backend runs "
@@ -105,7 +115,7 @@ def _command(backend: str, runner: str, remote: dict[str, str], n: int, a: dict,
               "--runs", str(a["runs"]), "--warmup", str(a["warmup"])]
     if a["threads"]:
         common += ["--threads", str(a["threads"])]
-    if backend == "executorch":
+    if _takes(backend, "expert_cache"):
         common += ["--expert-cache", a["expert_cache"]]
         if a["cache_aware_routing"]:
             common += ["--cache-aware-routing", str(a["cache_aware_routing"])]
@@ -121,7 +131,7 @@ def _command(backend: str, runner: str, remote: dict[str, str], n: int, a: dict,
 def run_bench(
     model: str | Path,
     *,
-    backend: str = "executorch",
+    backend: str = DEFAULT_TARGET,
     runner: str | None = None,
     device: str = "local",
     prompt_lengths: tuple[int, ...] | None = None,
@@ -166,17 +176,19 @@ def run_bench(
         parse_option(expert_cache)
     except CacheOptionError as e:
         raise BenchError(str(e)) from None
-    if expert_cache != "auto" and backend != "executorch":
-        raise BenchError(f"--expert-cache is an ExecuTorch option; drop it for --backend {backend}")
-    if (cache_aware_routing or routing_pool) and backend != "executorch":
-        raise BenchError("--cache-aware-routing is an ExecuTorch option; drop it for --backend "
-                         f"{backend}")  # fmt: skip
+    if expert_cache != "auto" and not _takes(backend, "expert_cache"):
+        raise BenchError(f"--expert-cache is an {_owners('expert_cache')} option; drop it for "
+                         f"--backend {backend}")  # fmt: skip
+    if (cache_aware_routing or routing_pool) and not _takes(backend, "cache_aware_routing"):
+        raise BenchError(f"--cache-aware-routing is an {_owners('cache_aware_routing')} option; "
+                         f"drop it for --backend {backend}")  # fmt: skip
     if expert_cache not in ("auto", "off") and weights == "heap":
         raise BenchError("--expert-cache reads experts from model.ptd; it does not apply to "
                          "--weights heap")
-    if backend == "coreml" and platform.system() != "Darwin":
-        raise BenchError("Core ML predictions need macOS; on Linux check the artifact with "
-                         "`ossedge verify` (the MIL interpreter) instead")
+    needs = TARGETS[backend].predicts_on if backend in TARGETS else None
+    if needs and platform.system() != needs:
+        raise BenchError(f"{TARGETS[backend].title} predictions need {SYSTEM_NAMES.get(needs, needs)}; "
+                         f"on {platform.system()} check the artifact with `ossedge verify` instead")
     if gen_tokens < 2 or runs < 1 or warmup < 0:
         raise BenchError("need --gen-tokens ≥ 2, --runs ≥ 1 and --warmup ≥ 0")
     info = describe_model(model, backend)
@@ -206,7 +218,7 @@ def run_bench(
     remote = transport.stage(files)
     settings = {"prompt_lengths": list(prompt_lengths), "gen_tokens": gen_tokens, "runs": runs,
                 "warmup": warmup, "threads": threads, "seed": seed, "weights": weights,
-                "expert_cache": expert_cache if backend == "executorch" else None,
+                "expert_cache": expert_cache if _takes(backend, "expert_cache") else None,
                 "cache_aware_routing": cache_aware_routing, "routing_pool": routing_pool,
                 "memory_limit": memory_limit, "memory_limit_bytes": limit}
     results, readings = _with_bandwidth(device, lambda: measure(
@@ -242,12 +254,12 @@ def _with_bandwidth(device: str, run):
 
 
 def _bytes_per_token(model: Path, info: dict[str, Any]) -> int | None:
-    """Weight bytes a decoded token reads in this ExecuTorch or ONNX artifact; None for a
+    """Weight bytes a decoded token reads in this artifact (its memory model); None for a
     checkpoint (the reference runtime computes in bf16/fp32 from whatever it stores)."""
     from ossedge.benchmarks.roofline import decode_bytes
 
-    if info["format"] not in ("ossedge-executorch", "ossedge-onnx"):
-        return None  # a checkpoint, or a Core ML artifact (coreml_20b counts its own)
+    if not any(info["format"] == t.format for t in TARGETS.values()):
+        return None  # a checkpoint
     return decode_bytes(json.loads((model / "manifest.json").read_text()))
 
 

@@ -15,7 +15,9 @@ def decode_bytes(manifest: dict) -> int:
     from ossedge.runtime.config import config_from_hf_dict
     from ossedge.targets.memory import decode_weight_bytes
 
-    target = manifest["format"].removeprefix("ossedge-")
+    from ossedge.targets import TARGETS
+
+    (target,) = [name for name, t in TARGETS.items() if t.format == manifest["format"]]
     return decode_weight_bytes(config_from_hf_dict(manifest["config"]), target,
                                manifest["recipe"])
 

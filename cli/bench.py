@@ -7,7 +7,9 @@ from pathlib import Path
 
 import click
 
+from ossedge.benchmarks.harness import BACKENDS, RUNNERS
 from ossedge.cli.common import routing_options
+from ossedge.targets import DEFAULT_TARGET
 
 
 class _DefaultRun(click.Group):
@@ -39,10 +41,9 @@ def _lengths(ctx, param, value: str | None) -> tuple[int, ...] | None:
 
 @bench.command(name="run")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--backend", type=click.Choice(["reference", "executorch", "coreml", "onnx"]),
-              default="executorch", show_default=True)
-@click.option("--runner", type=click.Choice(["python", "pybindings", "native", "coremltools",
-                                            "onnxruntime"]),
+@click.option("--backend", type=click.Choice(list(BACKENDS)), default=DEFAULT_TARGET,
+              show_default=True)
+@click.option("--runner", type=click.Choice([r for rs in RUNNERS.values() for r in rs]),
               default=None, help="executorch: pybindings (default here) or native (the C++ "
               "runner; the only one on adb).")
 @click.option("--device", default="local", show_default=True,

@@ -37,6 +37,7 @@ class Target:
     backend: `check_options`, `prepare`, `write` and `summary` are its part of a conversion (see
     convert/pipeline.py; `convert_options` names the options it takes); `open(root, **options)` returns an ArtifactModel (`open_options` names what it takes beyond
     `checksums`); `footprint(cfg, recipe, context, **kw)` is the memory model's Footprint;
+    `weights(cfg, recipe)` and `kv_bytes(cfg, context)` what a decoded token reads;
     `check_structure(model, source)` what verify reads from the artifact's files (a dict, or None
     where the contract has nothing to read). `tolerance(manifest, linears)` is verify's default
     rel_err bound; `expert_activations(manifest)` and `linear_activations(manifest, model)` say
@@ -49,7 +50,9 @@ class Target:
     reads: tuple[int, ...]  # the contract versions this ossedge reads
     files: tuple[str, ...] | None  # the files every artifact has (None: those its manifest lists)
     platforms: tuple[str, ...]  # app platforms a bundle may carry it to
-    hooks: dict[str, str]  # check_options, prepare, write, summary, open, footprint, check_structure
+    # check_options, prepare, write, summary, open, footprint, weights (stored bytes by group),
+    # kv_bytes (the KV cache at a context), check_structure → "module:function"
+    hooks: dict[str, str]
     tolerance: Callable[[dict, str], float]
     expert_activations: Callable[[dict], str]
     linear_activations: Callable[[dict, Any], str]
@@ -57,6 +60,9 @@ class Target:
     open_options: frozenset[str] = field(default_factory=frozenset)
     convert_options: frozenset[str] = field(default_factory=frozenset)
     device_plans: bool = True  # `convert --device` sizes its artifacts for a device profile
+    streams: bool = False  # streams experts from storage when they do not fit (an expert cache)
+    runners: tuple[str, ...] = ()  # what `ossedge bench --runner` runs it with (the first: default)
+    predicts_on: str | None = None  # the only OS (platform.system()) that runs it, None: any
 
     def hook(self, name: str) -> Callable[..., Any] | None:
         """The function registered as `name`, imported now (None when the target has none)."""

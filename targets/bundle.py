@@ -155,7 +155,7 @@ def make_bundle(
                 "contract_version": manifest["contract_version"],
                 "max_context": manifest["max_context"],
                 **({"deployment_target": manifest["deployment_target"]}
-                   if target == "coreml" else {}),
+                   if "deployment_target" in manifest else {}),
                 "device_plan": manifest.get("device_plan"),
             })
         first = opened[0]
@@ -165,8 +165,8 @@ def make_bundle(
             "NAME": first[3]["config"].get("model_type", "gpt-oss").replace("_", "-"),
             "MODELS": "\n".join(f"- `../{m['dir']}/`: {m['target']}, recipe {m['recipe']}, "
                                 f"context {m['max_context']}" for m in models),
-            "ET_DIR": by_target.get("executorch", "<executorch model dir>"),
-            "COREML_DIR": by_target.get("coreml", "<coreml model dir>"),
+            # where each target's model is, for the glue's examples ({{EXECUTORCH_DIR}}, …)
+            **{f"{t.upper()}_DIR": by_target.get(t, f"<{t} model dir>") for t in TARGETS},
             "TEMPERATURE": str(generation["temperature"]),
             "MAX_CONTEXT": str(generation["max_context"]),
         }

@@ -15,11 +15,7 @@ from ossedge.runtime.config import DEFAULT_CONTEXT, GptOssConfig
 from ossedge.runtime.errors import BudgetError, OssedgeError
 from ossedge.targets import TARGETS
 from ossedge.targets.devices import Device
-from ossedge.targets.memory import (
-    Footprint,
-    decode_read_bytes,
-    footprint,
-)
+from ossedge.targets.memory import Footprint, decode_read_bytes, footprint
 
 # Best quality first: `convert --device` takes the first that fits.
 RECIPE_PREFERENCE = ("native", "mobile-int8", "mobile", "int4")
@@ -61,13 +57,12 @@ class Option:
 
 
 def recipes_for(target: str, device: Device) -> list[tuple[str, str | None]]:
-    """(recipe, Core ML deployment target) pairs the device can run for `target`."""
-    if target == "coreml":
-        dt = device.targets.coreml
-        if dt is None:
-            return []
-        # iOS 18 cannot store MXFP4 experts compactly: int4 experts only
-        return [(r, dt) for r in RECIPE_PREFERENCE if dt == "ios26" or r == "int4"]
+    """(recipe, deployment target) pairs the device can run for `target`, best first: the
+    target's own choice where it has one (Core ML: by the device's deployment target), else every
+    recipe where the device runs the target."""
+    own = TARGETS[target].hook("plan_recipes")
+    if own is not None:
+        return own(device, RECIPE_PREFERENCE)
     return [(r, None) for r in RECIPE_PREFERENCE] if device.runs(target) else []
 
 
@@ -143,7 +138,7 @@ def evaluate(
         return footprint(cfg, target, recipe, c, max_prefill=max_prefill)
 
     f = fp(context)
-    stream_ok = target == "executorch"
+    stream_ok = TARGETS[target].streams
     if f.resident <= budget:
         fits = "resident"
     elif stream_ok and f.streaming_minimum <= budget:
@@ -259,7 +254,7 @@ def measured_streaming() -> dict[str, Any] | None:
 def predicted_rows(measured: dict[str, Any]) -> list[dict[str, Any]]:
     """The measured expert-cache runs beside what `streaming_decode` predicts for the same limit,
     disk rate and unconstrained speed (the 20b, recipe mobile, context 4096, app host)."""
-    from ossedge.targets.memory import executorch_footprint
+    from ossedge.targets.executorch.memory import executorch_footprint
 
     cfg, _ = model_config(None)
     f = executorch_footprint(cfg, "mobile", 4096)

@@ -20,13 +20,9 @@ from ossedge.targets.devices import (
     local_device,
     measure_bandwidth,
 )
-from ossedge.targets.memory import (
-    HOST_BYTES,
-    executorch_activation_bytes,
-    executorch_footprint,
-    kv_cache_bytes,
-    program_arena_bytes,
-)
+from ossedge.targets.memory import HOST_BYTES, kv_cache_bytes
+from ossedge.targets.executorch.memory import (executorch_activation_bytes, executorch_footprint,
+                                               program_arena_bytes)
 from ossedge.targets.plan import MIN_CONTEXT, choose, evaluate, plan
 
 REQUIRED = ("iphone-15-pro", "iphone-16-pro", "iphone-17-pro", "ipad-pro-m4", "macbook-air-m-16gb",

@@ -212,7 +212,7 @@ def test_bench_backend_onnx(artifact: Path, tmp_path: Path) -> None:
 def test_memory_model_counts_the_data_file(artifact: Path) -> None:
     """The planner's ONNX weights (targets/memory.py) against the bytes the exporter wrote."""
     from ossedge.runtime.config import config_from_hf_dict
-    from ossedge.targets.memory import onnx_footprint
+    from ossedge.targets.onnx.memory import onnx_footprint
 
     import onnx
 

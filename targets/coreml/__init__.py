@@ -17,15 +17,28 @@ class CoreMLArtifactError(ArtifactError):
     """A Core ML artifact is incomplete, corrupt, or cannot run here."""
 
 
+def plan_recipes(device, preference: tuple[str, ...]) -> list[tuple[str, str | None]]:
+    """(recipe, deployment target) pairs a device runs, best first: its newest deployment
+    target; iOS 18 cannot store MXFP4 experts compactly, so int4 experts only there."""
+    dt = device.targets.coreml
+    if dt is None:
+        return []
+    return [(r, dt) for r in preference if dt == "ios26" or r == "int4"]
+
+
 TARGET = Target(
     name="coreml", title="Core ML", format=FORMAT, contract=CONTRACT_VERSION, reads=READS,
     files=None, platforms=("ios",),
     hooks={**conversion_hooks("ossedge.targets.coreml.convert"),
            "open": "ossedge.targets.coreml.runner:CoreMLModel",
-           "footprint": "ossedge.targets.memory:coreml_footprint",
-           "check_structure": "ossedge.targets.coreml.checks:check_structure"},
+           "footprint": "ossedge.targets.coreml.memory:coreml_footprint",
+           "weights": "ossedge.targets.coreml.memory:weights",
+           "kv_bytes": "ossedge.targets.coreml.memory:kv_bytes",
+           "check_structure": "ossedge.targets.coreml.checks:check_structure",
+           "plan_recipes": "ossedge.targets.coreml:plan_recipes"},
     tolerance=lambda manifest, linears: TOLERANCE_FP16,
     expert_activations=lambda manifest: "float", linear_activations=lambda manifest, model: "float",
     error=CoreMLArtifactError, open_options=frozenset({"engine"}),
     convert_options=frozenset({"deployment_target", "chunk_mb"}),
+    runners=("coremltools",), predicts_on="Darwin",
 )  # fmt: skip

@@ -28,7 +28,9 @@ TARGET = Target(
     files=FILES, platforms=("android", "ios"),
     hooks={**conversion_hooks("ossedge.targets.executorch.export"),
            "open": "ossedge.targets.executorch.runner:ExecuTorchModel",
-           "footprint": "ossedge.targets.memory:executorch_footprint",
+           "footprint": "ossedge.targets.executorch.memory:executorch_footprint",
+           "weights": "ossedge.targets.executorch.memory:weights",
+           "kv_bytes": "ossedge.targets.executorch.memory:kv_bytes",
            "check_structure": "ossedge.targets.executorch.checks:check_structure"},
     tolerance=lambda manifest, linears: TOLERANCE_FLOAT if linears == "float" else TOLERANCE_QUANTIZED,
     # ossedge::moe_* round the experts' inputs to int8 per block of 32
@@ -36,6 +38,8 @@ TARGET = Target(
     # XNNPACK's quantized linears take int8 inputs per token
     linear_activations=lambda manifest, model: "float" if manifest.get("recipe") == "native"
     else "int8-asym-token",
-    open_options=frozenset({"expert_cache", "cache_aware_routing", "routing_pool"}),
+    open_options=frozenset({"expert_cache", "cache_aware_routing", "routing_pool", "threads"}),
+    runners=("pybindings", "native"),
     convert_options=frozenset({"max_prefill", "profile", "lookahead", "contract"}),
+    streams=True,
 )  # fmt: skip

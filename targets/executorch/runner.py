@@ -48,10 +48,15 @@ class ExecuTorchModel:
 
     def __init__(
         self, root: str | Path, *, checksums: bool = False, expert_cache: str | int = "auto",
-        cache_aware_routing: int = 0, routing_pool: int | None = None,
+        cache_aware_routing: int = 0, routing_pool: int | None = None, threads: int | None = None,
     ) -> None:  # fmt: skip
         quiet_imports()
         from ossedge.targets.executorch.ptd import read_index
+
+        if threads:  # the pybindings' thread pool (XNNPACK and the ossedge kernels)
+            from executorch.extension.pybindings import portable_lib
+
+            portable_lib._unsafe_reset_threadpool(threads)
 
         self.root = Path(root)
         self.manifest = TARGET.read_manifest(self.root, checksums=checksums)
@@ -166,7 +171,7 @@ def resident_rest(manifest: dict) -> int:
     """What this process holds besides the experts with the artifact loaded (the memory model's
     anonymous parts for a Python host, and its library pages)."""
     from ossedge.runtime.config import config_from_hf_dict
-    from ossedge.targets.memory import executorch_footprint
+    from ossedge.targets.executorch.memory import executorch_footprint
 
     f = executorch_footprint(config_from_hf_dict(manifest["config"]), manifest["recipe"],
                              int(manifest["max_context"]), max_prefill=int(manifest["max_prefill"]),

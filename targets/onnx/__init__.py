@@ -32,8 +32,10 @@ TARGET = Target(
     platforms=("android", "ios"),
     hooks={**conversion_hooks("ossedge.targets.onnx.export"),
            "open": "ossedge.targets.onnx.runner:OnnxModel",
-           "footprint": "ossedge.targets.memory:onnx_footprint"},
+           "footprint": "ossedge.targets.onnx.memory:onnx_footprint",
+           "weights": "ossedge.targets.onnx.memory:weights",
+           "kv_bytes": "ossedge.targets.onnx.memory:kv_bytes"},
     tolerance=lambda manifest, linears: TOLERANCE_FLOAT if linears == "float" else TOLERANCE_QUANTIZED,
     expert_activations=lambda manifest: "float", linear_activations=_linear_activations,
-    device_plans=False,
+    device_plans=False, open_options=frozenset({"threads"}), runners=("onnxruntime",),
 )  # fmt: skip
