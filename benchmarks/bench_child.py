@@ -17,8 +17,9 @@ import json
 import resource
 import sys
 import time
+from pathlib import Path
 
-from ossedge.benchmarks.harness import BACKENDS
+from ossedge.benchmarks.harness import BACKENDS, prompt_ids
 
 
 def load(backend: str, model: str, threads: int | None = None, expert_cache: str = "auto",
@@ -68,6 +69,8 @@ def _delta(a: dict, b: dict) -> dict:
 
 
 def one_run(model, ids, gen: int) -> dict:
+    """The timed loop every benchmark uses: prefill `ids` [1, N] in one call (the time to the first
+    token), then decode greedily to `gen` tokens in all; times, speeds, I/O counters, tokens."""
     import torch
 
     cache = model.new_cache()
@@ -77,12 +80,13 @@ def one_run(model, ids, gen: int) -> dict:
     tok = int(logits[0, -1].argmax())
     prefill = time.perf_counter() - t0
     c1 = counters(model)
-    tokens = [tok]
+    tokens, finite = [tok], bool(torch.isfinite(logits).all())
     t0 = time.perf_counter()
     for _ in range(gen - 1):
         logits = model(torch.tensor([[tok]]), cache=cache, last_only=True)
         tok = int(logits[0, -1].argmax())
         tokens.append(tok)
+    finite = finite and bool(torch.isfinite(logits).all())
     decode = time.perf_counter() - t0
     c2 = counters(model)
     n = ids.shape[1]
@@ -95,7 +99,26 @@ def one_run(model, ids, gen: int) -> dict:
         "prefill_io": _delta(c0, c1),
         "decode_io": _delta(c1, c2),
         "tokens": tokens,
+        "logits_finite": finite,  # of the prefill and the last step
     }
+
+
+def command(backend: str, model: str | Path, prompt: int, gen: int, *, seed: int = 0) -> list[str]:
+    """The argv of one measured run of this child: `prompt` seeded random tokens, then `gen`
+    decode steps (the full-size benchmarks run it under their limits and read its JSON)."""
+    return [sys.executable, "-m", "ossedge.benchmarks.bench_child", "--backend", backend,
+            "--model", str(model), "--prompt-length", str(prompt), "--gen-tokens", str(gen + 1),
+            "--runs", "1", "--warmup", "0", "--seed", str(seed)]  # fmt: skip
+
+
+def child_result(out: dict) -> dict:
+    """One run's figures from `command`'s JSON, flat: load_s, prefill_s, decode_s, prompt_tokens,
+    gen_tokens (decode steps), prefill_major_faults, decode_major_faults, VmHWM, RssAnon, …"""
+    run = out["runs"][0]
+    return {"load_s": out["load_s"], "prefill_s": run["prefill_s"], "decode_s": run["decode_s"],
+            "prompt_tokens": out["prompt_tokens"], "gen_tokens": out["gen_tokens"] - 1,
+            "prefill_major_faults": run["prefill_io"]["major_faults"],
+            "decode_major_faults": run["decode_io"]["major_faults"], **out["rss"]}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -129,8 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         ids = torch.tensor([[int(x) for x in a.prompt_ids.split(",")]])
         a.prompt_length = ids.shape[1]
     else:
-        g = torch.Generator().manual_seed(a.seed)
-        ids = torch.randint(0, max(2, vocab - 1100), (1, a.prompt_length), generator=g)
+        ids = torch.tensor([prompt_ids(a.prompt_length, vocab, a.seed)])
     context = getattr(model, "max_context", None) or model.config.max_position_embeddings
     if a.prompt_length + a.gen_tokens > context:
         sys.exit(f"error: {a.prompt_length} prompt + {a.gen_tokens} generated tokens exceed the "

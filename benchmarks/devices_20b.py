@@ -23,38 +23,15 @@ import sys
 import time
 from pathlib import Path
 
+from ossedge.benchmarks.bench_child import child_result, command
 from ossedge.benchmarks.limits import app_like, evict, memory_cgroup, parse_size
 
 GB = 1e9
-RUN = r"""
-import json, resource, sys, time, torch
-from ossedge.benchmarks.rss import proc_status
-from ossedge.targets.executorch.runner import ExecuTorchModel
-root, n_prompt, n_gen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-def faults():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_majflt
-t0 = time.perf_counter()
-model = ExecuTorchModel(root)
-load_s = time.perf_counter() - t0
-g = torch.Generator().manual_seed(0)
-ids = torch.randint(0, model.config.vocab_size - 2000, (1, n_prompt), generator=g)
-cache = model.new_cache()
-f0, t0 = faults(), time.perf_counter()
-logits = model(ids, cache=cache)
-prefill_s, f1 = time.perf_counter() - t0, faults()
-t0 = time.perf_counter()
-for _ in range(n_gen):
-    logits = model(torch.tensor([[int(logits.reshape(-1).argmax())]]), cache=cache)
-decode_s = time.perf_counter() - t0
-print(json.dumps({"load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s,
-                  "prefill_major_faults": f1 - f0, "decode_major_faults": faults() - f1,
-                  "prompt_tokens": n_prompt, "gen_tokens": n_gen, **proc_status()}))
-"""
 
 
 def run_once(artifact: Path, prompt: int, gen: int, *, limit: int | None, app: bool) -> dict:
     evict([artifact])
-    argv = [sys.executable, "-c", RUN, str(artifact), str(prompt), str(gen)]
+    argv = command("executorch", artifact, prompt, gen)
     if limit is None:
         cmd = app_like(argv) if app else argv
         p = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -66,7 +43,7 @@ def run_once(artifact: Path, prompt: int, gen: int, *, limit: int | None, app: b
         why = ("killed: out of memory under the limit" if p.returncode == -9
                else f"exit {p.returncode}: {p.stderr.strip().splitlines()[-1:]}")
         return {"failed": why}
-    r = json.loads(p.stdout.strip().splitlines()[-1])
+    r = child_result(json.loads(p.stdout.strip().splitlines()[-1]))
     return {
         "load_s": round(r["load_s"], 1),
         "prefill_tok_s": round(r["prompt_tokens"] / r["prefill_s"], 2),

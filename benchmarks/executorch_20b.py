@@ -22,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ossedge.benchmarks.bench_child import child_result, command
 from ossedge.benchmarks.quantize_20b import _run_measured
 from ossedge.benchmarks.roofline import decode_bytes
 from ossedge.targets.devices import measure_bandwidth
@@ -29,28 +30,6 @@ from ossedge.targets.devices import measure_bandwidth
 GB = 1e9
 
 
-RUN = r"""
-import json, sys, time, torch
-from ossedge.benchmarks.rss import proc_status
-from ossedge.targets import open_artifact
-root, n_prompt, n_gen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-t0 = time.perf_counter()
-model = open_artifact(root)
-load_s = time.perf_counter() - t0
-g = torch.Generator().manual_seed(0)
-ids = torch.randint(0, 199998, (1, n_prompt), generator=g)
-cache = model.new_cache()
-t0 = time.perf_counter()
-logits = model(ids, cache=cache)
-prefill_s = time.perf_counter() - t0
-t0 = time.perf_counter()
-for _ in range(n_gen):
-    tok = int(logits.reshape(-1).argmax())
-    logits = model(torch.tensor([[tok]]), cache=cache)
-decode_s = time.perf_counter() - t0
-print(json.dumps({"load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s,
-                  "prompt_tokens": n_prompt, "gen_tokens": n_gen, **proc_status()}))
-"""
 
 
 def main(target: str = "executorch", out: str = "out/20b-et", recipe: str = "mobile") -> None:
@@ -78,13 +57,11 @@ def main(target: str = "executorch", out: str = "out/20b-et", recipe: str = "mob
     result["artifact_bytes"] = {k: v["bytes"] for k, v in manifest["files"].items()}
     if "stages_s" in manifest["convert"]:
         result["convert_stages_s"] = manifest["convert"]["stages_s"]
-    run = subprocess.run(
-        [sys.executable, "-c", RUN, str(out), str(a.prompt), str(a.gen)],
-        capture_output=True, text=True, check=False,
-    )
+    run = subprocess.run(command(target, out, a.prompt, a.gen), capture_output=True, text=True,
+                         check=False)  # fmt: skip
     if run.returncode:
         raise SystemExit(f"the decode run failed:\n{run.stderr[-3000:]}")
-    r = json.loads(run.stdout.strip().splitlines()[-1])
+    r = child_result(json.loads(run.stdout.strip().splitlines()[-1]))
     per_token = decode_bytes(manifest)
     bandwidth = measure_bandwidth(gb=2.0, runs=5)
     roofline_s = per_token / bandwidth

@@ -24,24 +24,18 @@ GB = 1e9
 def _child(ckpt: str, dtype: str, prompt_len: int, gen: int) -> None:
     import torch
 
+    from ossedge.benchmarks.bench_child import one_run
+    from ossedge.benchmarks.harness import prompt_ids
     from ossedge.benchmarks.rss import proc_status
     from ossedge.runtime import load_model
 
-    torch.manual_seed(0)
     t0 = time.perf_counter()
     model = load_model(ckpt, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
     load_s = time.perf_counter() - t0
     after_load = proc_status()
-    ids = torch.randint(0, model.config.vocab_size - 2000, (1, prompt_len))
-    cache = model.new_cache()
-    t0 = time.perf_counter()
-    logits = model(ids, cache=cache, last_only=True)
-    prefill_s = time.perf_counter() - t0
-    token = logits[0, -1].argmax().view(1, 1)
-    t0 = time.perf_counter()
-    for _ in range(gen):
-        token = model(token, cache=cache, last_only=True)[0, -1].argmax().view(1, 1)
-    decode_s = time.perf_counter() - t0
+    ids = torch.tensor([prompt_ids(prompt_len, model.config.vocab_size, 0)])
+    run = one_run(model, ids, gen + 1)
+    prefill_s, decode_s = run["prefill_s"], run["decode_s"]
     end = proc_status()
     print(
         json.dumps(
@@ -57,7 +51,7 @@ def _child(ckpt: str, dtype: str, prompt_len: int, gen: int) -> None:
                 "rss_after_load_gb": round(after_load["VmRSS"] / GB, 2),
                 "rss_anon_gb": round(end["RssAnon"] / GB, 2),
                 "rss_file_gb": round(end["RssFile"] / GB, 2),
-                "logits_finite": bool(torch.isfinite(logits).all()),
+                "logits_finite": run["logits_finite"],
             }
         )
     )
