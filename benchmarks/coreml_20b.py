@@ -26,21 +26,22 @@ from ossedge.benchmarks.quantize_20b import _run_measured
 
 GB = 1e9
 
-STRUCTURE = r"""
-import json, sys, time
-from ossedge.benchmarks.rss import proc_status
-from ossedge.runtime.checkpoint import open_checkpoint
-from ossedge.targets.coreml.runner import CoreMLModel
-from ossedge.targets.coreml.checks import check_structure
-from ossedge.runtime.quantized import QuantizedView
-root, ckpt = sys.argv[1], sys.argv[2]
-t0 = time.perf_counter()
-model = CoreMLModel(root, engine="interpreter", checksums=True)
-r = check_structure(model, QuantizedView(open_checkpoint(ckpt), model.manifest["recipe"]))
-r["seconds"] = round(time.perf_counter() - t0, 1)
-r["peak_rss_gb"] = round(proc_status()["VmHWM"] / 1e9, 2)
-print(json.dumps(r))
-"""
+def structure(root: str, ckpt: str) -> dict:
+    """The structure check of the artifact against the checkpoint with its recipe, timed, with
+    this process's peak RSS (run in a child process of its own: `--structure-child`)."""
+    from ossedge.benchmarks.rss import proc_status
+    from ossedge.runtime.checkpoint import open_checkpoint
+    from ossedge.runtime.quantized import QuantizedView
+    from ossedge.targets.coreml.checks import check_structure
+    from ossedge.targets.coreml.runner import CoreMLModel
+
+    t0 = time.perf_counter()
+    model = CoreMLModel(root, engine="interpreter", checksums=True)
+    r = check_structure(model, QuantizedView(open_checkpoint(ckpt), model.manifest["recipe"]))
+    r["seconds"] = round(time.perf_counter() - t0, 1)
+    r["peak_rss_gb"] = round(proc_status()["VmHWM"] / 1e9, 2)
+    return r
+
 
 
 def bytes_per_token(manifest: dict) -> dict[str, int]:
@@ -70,7 +71,11 @@ def main() -> None:
     p.add_argument("--deployment-target", default="ios26", choices=["ios26", "ios18"])
     p.add_argument("--skip-convert", action="store_true", help="Reuse an existing --out")
     p.add_argument("--no-structure", action="store_true", help="Skip the structural checks")
+    p.add_argument("--structure-child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.structure_child:
+        print(json.dumps(structure(a.out, a.ckpt)))
+        return
 
     ckpt, out = Path(a.ckpt), Path(a.out)
     if not ckpt.exists():
@@ -94,8 +99,9 @@ def main() -> None:
     result["bytes_per_token"] = bytes_per_token(manifest)
     if not a.no_structure:
         t0 = time.perf_counter()
-        run = subprocess.run([sys.executable, "-c", STRUCTURE, str(out), str(ckpt)],
-                             capture_output=True, text=True, check=False)
+        run = subprocess.run([sys.executable, "-m", "ossedge.benchmarks.coreml_20b",
+                              "--structure-child", "--out", str(out), "--ckpt", str(ckpt)],
+                             capture_output=True, text=True, check=False)  # fmt: skip
         if run.returncode:
             raise SystemExit(f"the structural check failed:\n{run.stderr[-3000:]}")
         result["structure"] = json.loads(run.stdout.strip().splitlines()[-1])
