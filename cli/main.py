@@ -456,14 +456,15 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     click.echo(f"warning: {message}", err=True)
 
 
-def main() -> None:
-    """Console entry point: typed errors become one line and an exit code (tracebacks: --debug)."""
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: typed errors become one line and an exit code (tracebacks: --debug).
+    `argv`: the arguments (default: the process's)."""
     from ossedge.runtime.errors import OssedgeError
 
-    debug = "--debug" in sys.argv[1:]
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     warnings.showwarning = _one_line_warning
     try:
-        cli.main(standalone_mode=False, prog_name="ossedge")
+        cli.main(args=argv, standalone_mode=False, prog_name="ossedge")
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:

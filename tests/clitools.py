@@ -1,4 +1,5 @@
-"""Running the `ossedge` command in a subprocess, as a user would, and checking its errors."""
+"""Running the `ossedge` command as a user would (a subprocess; usage errors in this process) and
+checking its errors."""
 
 from __future__ import annotations
 
@@ -14,6 +15,24 @@ def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
         input=stdin,
         timeout=300,
     )
+
+
+def invoke(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """`ossedge ARGS` in this process, through click's CliRunner isolation and the same entry
+    point (`main`: exit codes, one-line errors) as `run` — for errors caught before anything is
+    loaded (usage errors), without starting an interpreter each."""
+    from click.testing import CliRunner
+
+    from ossedge.cli.main import main
+
+    with CliRunner().isolation(input=stdin) as (out, err, _):
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
+    return subprocess.CompletedProcess(["ossedge", *args], code, stdout, stderr)
 
 
 def assert_one_line_error(p: subprocess.CompletedProcess, *needles: str, code: int = 1) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from ossedge.runtime.config import FULL, SLIDING, GptOssConfig, preset
 from ossedge.runtime.synth import synthesize
+from shared_artifacts import ARTIFACT_OPTIONS, VERIFY_TOKENS
 
 SEED = 0
 
@@ -86,27 +87,37 @@ def tiny_original_ckpt(synth) -> Path:
     return synth(layout="original")
 
 
-@pytest.fixture(scope="session")
-def et_artifact(tmp_path_factory) -> Path:
-    """The bundled trained model as an ExecuTorch artifact (recipe mobile, context 2048, not
-    verified): gpt-oss's proportions (4 query heads per KV head, prefill = window), so attention
-    dominates the program's memory as at full size. Read-only: copy it to break it."""
-    from ossedge.assets import default_model_dir
-    from ossedge.convert.pipeline import convert as convert_to
-
-
-    out = tmp_path_factory.mktemp("et2048") / "tiny-et"
-    convert_to("executorch", default_model_dir(), out, max_context=2048, verify_tokens=0)
-    return out
 
 
 @pytest.fixture(scope="session")
-def coreml_artifact(tmp_path_factory) -> Path:
-    """The bundled trained model as a Core ML artifact (ios26, context 64, not verified)."""
+def artifact_of(tmp_path_factory):
+    """target name → the bundled model converted to it (recipe: the target's default)."""
     from ossedge.assets import default_model_dir
-    from ossedge.convert.pipeline import convert as convert_to
+    from ossedge.convert.pipeline import convert
+
+    made: dict[str, Path] = {}
+
+    def get(target: str) -> Path:
+        if target not in made:
+            out = tmp_path_factory.mktemp(target) / f"tiny-{target}"
+            convert(target, default_model_dir(), out, verify_tokens=VERIFY_TOKENS,
+                    **ARTIFACT_OPTIONS.get(target, {}))  # fmt: skip
+            made[target] = out
+        return made[target]
+
+    return get
 
 
-    out = tmp_path_factory.mktemp("coreml") / "tiny-coreml"
-    convert_to("coreml", default_model_dir(), out, max_context=64, verify_tokens=0)
-    return out
+@pytest.fixture(scope="session")
+def et_artifact(artifact_of) -> Path:
+    return artifact_of("executorch")
+
+
+@pytest.fixture(scope="session")
+def coreml_artifact(artifact_of) -> Path:
+    return artifact_of("coreml")
+
+
+@pytest.fixture(scope="session")
+def onnx_artifact(artifact_of) -> Path:
+    return artifact_of("onnx")

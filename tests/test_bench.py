@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from clitools import assert_one_line_error, run
+from clitools import assert_one_line_error, invoke, run
 
 from ossedge.benchmarks.harness import run_bench, validate
 from ossedge.benchmarks.limits import LimitError, memory_cgroup
@@ -112,7 +112,7 @@ def test_unreachable_device_and_missing_runner_are_one_line_errors(
     p = run("bench", str(et_artifact), "--runner", "native", "--runner-bin", "/no/runner",
             *short, "-o", out)
     assert_one_line_error(p, "/no/runner: the native runner is missing", "make install")
-    p = run("bench", str(et_artifact), "--backend", "tpu", "-o", out)
+    p = invoke("bench", str(et_artifact), "--backend", "tpu", "-o", out)
     assert p.returncode == 2 and "tpu" in p.stderr
     p = run("bench", str(et_artifact), "--prompt-lengths", "4000", "-o", out)
     assert_one_line_error(p, "exceed", "context of 2048")

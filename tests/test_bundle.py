@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from clitools import assert_one_line_error, run
+from clitools import assert_one_line_error, invoke, run
 
 from ossedge.runtime.errors import ArtifactError
 from ossedge.targets.bundle import make_bundle, verify_bundle
@@ -113,5 +113,5 @@ def test_bad_bundle_inputs_are_one_line_errors(
     p = run("bundle", str(corrupt), "--platform", "android", "-o", str(tmp_path / "c"))
     assert_one_line_error(p, "model.pte: sha256 differs from its artifact's manifest")
     assert sorted(x.name for x in tmp_path.iterdir()) == ["corrupt"]  # nothing half-written
-    p = run("verify", str(et_artifact))
+    p = invoke("verify", str(et_artifact))
     assert p.returncode == 2 and "--reference CKPT is required" in p.stderr

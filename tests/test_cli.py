@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from clitools import assert_one_line_error, run
+from clitools import assert_one_line_error, invoke, run
 from safetensors.torch import load_file, save_file
 
 from ossedge.runtime.synth import synthesize
@@ -88,13 +88,13 @@ def test_synth_refuses_to_overwrite_and_keeps_old(tiny: Path) -> None:
 
 
 def test_usage_error_exit_code(tmp_path: Path) -> None:
-    p = run("synth", str(tmp_path / "x"), "--preset", "70b")
+    p = invoke("synth", str(tmp_path / "x"), "--preset", "70b")
     assert p.returncode == 2 and "70b" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "x").exists()
 
 
 def test_bad_sampling_argument(tiny: Path) -> None:
-    p = run("generate", str(tiny), "--prompt", "hi", "--top-p", "1.5")
+    p = invoke("generate", str(tiny), "--prompt", "hi", "--top-p", "1.5")
     assert p.returncode == 2 and "top" in p.stderr.lower() and "Traceback" not in p.stderr
 
 

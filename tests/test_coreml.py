@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from clitools import assert_one_line_error, run
+from shared_artifacts import ARTIFACT_OPTIONS
+from clitools import assert_one_line_error, invoke, run
 
 from ossedge.assets import default_model_dir
 from ossedge.quantize.qtensor import QTensor
@@ -34,14 +35,12 @@ from coremltools.converters.mil import Builder as mb  # noqa: E402
 from coremltools.converters.mil.mil import Program, types  # noqa: E402
 
 convert = partial(convert_to, "coreml")
-CONTEXT = 128  # the bundled model's window is 32: 80 verify tokens wrap its ring twice
+CONTEXT = ARTIFACT_OPTIONS["coreml"]["max_context"]  # the bundled model's window is 32
 
 
 @pytest.fixture(scope="module")
-def art26(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("coreml") / "tiny-ios26"
-    convert(default_model_dir(), out, max_context=CONTEXT, verify_tokens=0)
-    return out
+def art26(coreml_artifact) -> Path:
+    return coreml_artifact  # ios26, the default
 
 
 @pytest.fixture(scope="module")
@@ -391,7 +390,7 @@ def test_cli_convert_and_errors(tmp_path):
     p = run("convert", ckpt, "--target", "coreml", "--max-context", "8", "-o",
             str(tmp_path / "e"))
     assert_one_line_error(p, "--max-context")
-    p = run("convert", ckpt, "--target", "coreml", "--max-prefill", "8", "-o",
+    p = invoke("convert", ckpt, "--target", "coreml", "--max-prefill", "8", "-o",
             str(tmp_path / "f"))
     assert p.returncode == 2 and "--max-prefill" in p.stderr
     assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()

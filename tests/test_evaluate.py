@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from clitools import run
+from clitools import invoke, run
 
 from ossedge.runtime.evaluate import (
     METRICS,
@@ -121,11 +121,11 @@ def test_cli_eval_human_output(mobile: Path, tiny_ckpt: Path) -> None:
 
 
 def test_cli_eval_bad_text(mobile: Path, tiny_ckpt: Path, tmp_path: Path) -> None:
-    p = run("eval", str(mobile), "--reference", str(tiny_ckpt), "--text", str(tmp_path / "no.txt"))
+    p = invoke("eval", str(mobile), "--reference", str(tiny_ckpt), "--text", str(tmp_path / "no.txt"))
     assert p.returncode == 2 and "cannot read" in p.stderr and "Traceback" not in p.stderr
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    p = run("eval", str(mobile), "--reference", str(tiny_ckpt), "--text", str(empty))
+    p = invoke("eval", str(mobile), "--reference", str(tiny_ckpt), "--text", str(empty))
     assert p.returncode == 2 and "fewer than 2 tokens" in p.stderr
 
 

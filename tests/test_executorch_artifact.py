@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from clitools import assert_one_line_error, run
+from shared_artifacts import ARTIFACT_OPTIONS
+from clitools import assert_one_line_error, invoke, run
 
 from ossedge.assets import default_model_dir
 from ossedge.convert.verify import verify_artifact
@@ -31,16 +32,14 @@ from ossedge.convert.pipeline import convert as convert_to
 convert = partial(convert_to, "executorch")
 from ossedge.targets.executorch.ptd import PtdError, read_index, rewrite
 
-CONTEXT = 160
+CONTEXT = ARTIFACT_OPTIONS["executorch"]["max_context"]
 CHUNKS = [20, 32, 7, 1, 1, 30, 9] + [1] * 20  # 120 tokens: past the window (32), ring wraps 3×
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory) -> Path:
+def artifact(et_artifact) -> Path:
     """The bundled trained model, recipe mobile (MXFP4 experts, int4 linears), verified."""
-    out = tmp_path_factory.mktemp("et") / "tiny-et"
-    convert(default_model_dir(), out, max_context=CONTEXT, verify_tokens=72)
-    return out
+    return et_artifact
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +268,7 @@ def test_convert_bad_inputs(tmp_path):
     out.mkdir()
     p = run("convert", str(default_model_dir()), "-o", str(out))
     assert_one_line_error(p, "already exists", "--force")
-    p = run("convert", str(default_model_dir()), "-o", str(out), "--target", "tflite")
+    p = invoke("convert", str(default_model_dir()), "-o", str(out), "--target", "tflite")
     assert p.returncode == 2
     assert [x.name for x in tmp_path.iterdir()] == ["o"]  # nothing half-written beside it
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from clitools import assert_one_line_error, run
+from clitools import assert_one_line_error, invoke, run
 from steps import greedy_steps
 
 from ossedge.runtime.errors import ArtifactError, BudgetError
@@ -89,7 +89,7 @@ def test_options_parse_and_budgets_resolve(et_artifact) -> None:
 def test_cli_refuses_bad_budgets_in_one_line(et_artifact) -> None:
     p = run("generate", str(et_artifact), "--prompt", "x", "--expert-cache", "1K")
     assert_one_line_error(p, "below the minimum", code=4)
-    p = run("generate", str(et_artifact), "--prompt", "x", "--expert-cache", "lots")
+    p = invoke("generate", str(et_artifact), "--prompt", "x", "--expert-cache", "lots")
     assert p.returncode == 2 and "--expert-cache" in p.stderr and "Traceback" not in p.stderr
     p = run("bench", str(et_artifact), "--backend", "reference", "--expert-cache", "1G",
             "-o", "/tmp/never.json")  # fmt: skip
@@ -188,7 +188,7 @@ def test_bad_profiles_are_refused(tmp_path: Path) -> None:
     p = run("convert", str(default_model_dir()), "-o", str(tmp_path / "x"), "--expert-profile",
             str(bad))  # fmt: skip
     assert_one_line_error(p, "4 layers × 8 experts")
-    p = run("profile-experts", "-o", str(tmp_path / "p.json"), "--text", str(tmp_path / "none"))
+    p = invoke("profile-experts", "-o", str(tmp_path / "p.json"), "--text", str(tmp_path / "none"))
     assert p.returncode == 2 and not (tmp_path / "p.json").exists()
     assert not (tmp_path / "x").exists()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from clitools import run
+from clitools import invoke
 from steps import greedy_steps
 
 from ossedge.assets import default_model_dir
@@ -81,7 +81,7 @@ def test_runner_counts_the_hints(et_artifact) -> None:
 
 
 def test_lookahead_is_an_executorch_option(tmp_path: Path) -> None:
-    p = run("convert", str(default_model_dir()), "--target", "onnx", "-o", str(tmp_path / "o"),
+    p = invoke("convert", str(default_model_dir()), "--target", "onnx", "-o", str(tmp_path / "o"),
             "--lookahead")  # fmt: skip
     assert p.returncode == 2 and "--lookahead applies to --target executorch" in p.stderr
     assert not (tmp_path / "o").exists()

@@ -10,26 +10,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from shared_artifacts import ARTIFACT_OPTIONS
 from clitools import assert_one_line_error
 
-from ossedge.assets import default_model_dir
 from ossedge.targets.executorch.runner import ExecuTorchModel
-from functools import partial
 
-from ossedge.convert.pipeline import convert as convert_to
-
-convert = partial(convert_to, "executorch")
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "benchmarks" / "runner" / "bin" / "ossedge_runner"
-CONTEXT = 256
+CONTEXT = ARTIFACT_OPTIONS["executorch"]["max_context"]
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("native") / "tiny-et"
-    convert(default_model_dir(), out, max_context=CONTEXT, verify_tokens=0)
-    return out
+def artifact(et_artifact) -> Path:
+    return et_artifact
 
 
 @pytest.fixture(scope="module")

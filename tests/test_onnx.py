@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from clitools import assert_one_line_error, run
+from shared_artifacts import ARTIFACT_OPTIONS
+from clitools import assert_one_line_error, invoke, run
 
 from ossedge.assets import default_model_dir
 from ossedge.targets import open_artifact
@@ -29,15 +30,12 @@ from ossedge.convert.pipeline import convert as convert_to
 
 convert = partial(convert_to, "onnx")
 
-CONTEXT = 160
+CONTEXT = ARTIFACT_OPTIONS["onnx"]["max_context"]
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory) -> Path:
-    """The bundled trained model, recipe mobile (MXFP4 experts as int8 blocks, int4 linears)."""
-    out = tmp_path_factory.mktemp("onnx") / "tiny-onnx"
-    convert(default_model_dir(), out, max_context=CONTEXT, verify_tokens=72)
-    return out
+def artifact(onnx_artifact) -> Path:
+    return onnx_artifact
 
 
 def _parity(art: Path, ckpt: Path, recipe: str, chunks: list[int], ids: torch.Tensor) -> float:
@@ -187,10 +185,10 @@ def test_tampered_data_is_caught(artifact: Path, tmp_path: Path) -> None:
 
 
 def test_convert_refuses_what_it_cannot_build(tmp_path: Path) -> None:
-    p = run("convert", str(default_model_dir()), "--target", "onnx", "-o", str(tmp_path / "x"),
+    p = invoke("convert", str(default_model_dir()), "--target", "onnx", "-o", str(tmp_path / "x"),
             "--max-prefill", "8")
     assert p.returncode == 2 and "--max-prefill applies to --target executorch only" in p.stderr
-    p = run("convert", str(default_model_dir()), "--target", "onnx", "-o", str(tmp_path / "y"),
+    p = invoke("convert", str(default_model_dir()), "--target", "onnx", "-o", str(tmp_path / "y"),
             "--device", "pixel-9-pro")
     assert p.returncode == 2 and "drop it for onnx" in p.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from clitools import assert_one_line_error, run
+from clitools import assert_one_line_error, invoke, run
 from safetensors import safe_open
 
 from ossedge.quantize.qtensor import QTensor
@@ -190,7 +190,7 @@ def test_incompatible_recipe_leaves_nothing(synth, tiny_config, tmp_path: Path) 
 
 
 def test_unknown_recipe_lists_the_choices(tiny_ckpt: Path, tmp_path: Path) -> None:
-    p = run("quantize", str(tiny_ckpt), "-o", str(tmp_path / "q"), "--recipe", "int2")
+    p = invoke("quantize", str(tiny_ckpt), "-o", str(tmp_path / "q"), "--recipe", "int2")
     assert p.returncode == 2 and "mobile-int8" in p.stderr and "Traceback" not in p.stderr
 
 
