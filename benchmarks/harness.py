@@ -187,7 +187,8 @@ def run_bench(
                          "--weights heap")
     needs = TARGETS[backend].predicts_on if backend in TARGETS else None
     if needs and platform.system() != needs:
-        raise BenchError(f"{TARGETS[backend].title} predictions need {SYSTEM_NAMES.get(needs, needs)}; "
+        raise BenchError(f"{TARGETS[backend].title} predictions need "
+                         f"{SYSTEM_NAMES.get(needs, needs)}; "
                          f"on {platform.system()} check the artifact with `ossedge verify` instead")
     if gen_tokens < 2 or runs < 1 or warmup < 0:
         raise BenchError("need --gen-tokens ≥ 2, --runs ≥ 1 and --warmup ≥ 0")

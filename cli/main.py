@@ -282,7 +282,8 @@ def convert(ckpt, out, target, recipe, deployment_target, chunk_mb, max_context,
 
     t = TARGETS[target]
     flags = {"max_prefill": ("--max-prefill", max_prefill),
-             "profile": ("--expert-profile", expert_profile), "lookahead": ("--lookahead", lookahead),
+             "profile": ("--expert-profile", expert_profile),
+             "lookahead": ("--lookahead", lookahead),
              "deployment_target": ("--deployment-target", deployment_target),
              "chunk_mb": ("--chunk-mb", chunk_mb)}  # fmt: skip
     for key, (flag, value) in flags.items():
@@ -308,9 +309,9 @@ def convert(ckpt, out, target, recipe, deployment_target, chunk_mb, max_context,
                                experts=cfg.num_local_experts)  # fmt: skip
     given = {"max_prefill": max_prefill, "profile": profile, "lookahead": lookahead,
              "deployment_target": deployment_target, "chunk_mb": chunk_mb}  # fmt: skip
+    options = {k: v for k, v in given.items() if v is not None and k in t.convert_options}
     m = pipeline.convert(t, ckpt, out, recipe=recipe, max_context=max_context, force=force,
-                         progress=_progress(), verify_tokens=verify_tokens,
-                         **{k: v for k, v in given.items() if v is not None and k in t.convert_options})
+                         progress=_progress(), verify_tokens=verify_tokens, **options)
     where = pipeline.summary(t, m)
     if option is not None:
         _record_plan(out, m, option, device_name)

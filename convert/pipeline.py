@@ -102,7 +102,8 @@ def convert(
     cfg = source.config
     job = Job(ckpt=ckpt, source=source, recipe=recipe_name, config=cfg,
               context=max_context or min(DEFAULT_CONTEXT, cfg.max_position_embeddings),
-              tokenizer=Tokenizer.from_dir(ckpt), progress=progress, options=dict(options))  # fmt: skip
+              tokenizer=Tokenizer.from_dir(ckpt), progress=progress,
+              options=dict(options))  # fmt: skip
     smallest = t.hook("prepare")(job)
     if not smallest <= job.context <= cfg.max_position_embeddings:
         raise ConvertError(f"--max-context must be {smallest}..{cfg.max_position_embeddings} for "

@@ -16,8 +16,8 @@ from ossedge.targets.onnx import TARGET as _ONNX
 
 TARGETS: dict[str, Target] = {t.name: t for t in (_EXECUTORCH, _COREML, _ONNX)}
 DEFAULT_TARGET = "executorch"
-__all__ = ["TARGETS", "ArtifactModel", "Target", "artifact_format", "looks_like_artifact", "open_artifact",
-           "target_of"]
+__all__ = ["TARGETS", "ArtifactModel", "Target", "artifact_format", "looks_like_artifact",
+           "open_artifact", "target_of"]
 
 
 def target_of(path: str | Path) -> Target | None:

@@ -1,4 +1,5 @@
-"""What every artifact target shares: reading its manifest, checking a call, quiet backend imports."""
+"""What every target shares: the Target record and the ArtifactModel protocol, reading a
+manifest, checking a call, quiet backend imports."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ class Target:
 
     The heavy parts are named, not imported ("module:function"), so that the registry loads no
     backend: `check_options`, `prepare`, `write` and `summary` are its part of a conversion (see
-    convert/pipeline.py; `convert_options` names the options it takes); `open(root, **options)` returns an ArtifactModel (`open_options` names what it takes beyond
+    convert/pipeline.py; `convert_options` names the options it takes); `open(root, **options)`
+    returns an ArtifactModel (`open_options` names what it takes beyond
     `checksums`); `footprint(cfg, recipe, context, **kw)` is the memory model's Footprint;
     `weights(cfg, recipe)` and `kv_bytes(cfg, context)` what a decoded token reads;
     `check_structure(model, source)` what verify reads from the artifact's files (a dict, or None

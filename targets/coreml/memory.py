@@ -18,7 +18,8 @@ def kv_bytes(cfg: GptOssConfig, context: int) -> int:
 
 
 def coreml_footprint(
-    cfg: GptOssConfig, recipe: str, context: int, *, host: str = "app", max_prefill: int | None = None
+    cfg: GptOssConfig, recipe: str, context: int, *, host: str = "app",
+    max_prefill: int | None = None,
 ) -> Footprint:
     """Predicted peak memory of a Core ML artifact: every function's weights as stored
     (compressed: Core ML expands constexpr weights as a function runs), fp16 KV states, the

@@ -32,7 +32,8 @@ TARGET = Target(
            "weights": "ossedge.targets.executorch.memory:weights",
            "kv_bytes": "ossedge.targets.executorch.memory:kv_bytes",
            "check_structure": "ossedge.targets.executorch.checks:check_structure"},
-    tolerance=lambda manifest, linears: TOLERANCE_FLOAT if linears == "float" else TOLERANCE_QUANTIZED,
+    tolerance=lambda manifest, linears: (TOLERANCE_FLOAT if linears == "float"
+                                         else TOLERANCE_QUANTIZED),
     # ossedge::moe_* round the experts' inputs to int8 per block of 32
     expert_activations=lambda manifest: "int8-b32",
     # XNNPACK's quantized linears take int8 inputs per token

@@ -1,4 +1,5 @@
-"""The structure check of an ExecuTorch artifact: what `ossedge verify` reads straight from model.ptd."""
+"""The structure check of an ExecuTorch artifact: what `ossedge verify` reads straight from
+model.ptd."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""The ossedge ExecuTorch kernel library from Python. `load_kernels()` puts the ossedge operator kernels
-(`libossedge_kernels.so`, built by `make install`) into this process's ExecuTorch registry; a
-program that calls `ossedge::moe_*` fails with "Missing operator" without them."""
+"""The ossedge ExecuTorch kernel library from Python. `load_kernels()` puts the ossedge operator
+kernels (`libossedge_kernels.so`, built by `make install`) into this process's ExecuTorch
+registry; a program that calls `ossedge::moe_*` fails with "Missing operator" without them."""
 
 from __future__ import annotations
 

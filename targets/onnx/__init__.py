@@ -11,7 +11,7 @@ CONTRACT_VERSION = 1
 READS = (1,)
 FILES = ("model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json",
          "genai_config.json")  # fmt: skip
-PREFILL_CHUNK = 128  # tokens per call when the runner feeds a long prompt (bounds the logits' memory)
+PREFILL_CHUNK = 128  # tokens per call the runner feeds a long prompt in (bounds the logits)
 # verify's rel_err bound at the 90th percentile: ONNX Runtime's float MatMulNBits computes what the
 # reference does (measured ≤ 3e-6 over 21 checkpoints per recipe); with prepacked int8 inputs a
 # rounding boundary moves a token now and then, as on ExecuTorch.
@@ -35,7 +35,8 @@ TARGET = Target(
            "footprint": "ossedge.targets.onnx.memory:onnx_footprint",
            "weights": "ossedge.targets.onnx.memory:weights",
            "kv_bytes": "ossedge.targets.onnx.memory:kv_bytes"},
-    tolerance=lambda manifest, linears: TOLERANCE_FLOAT if linears == "float" else TOLERANCE_QUANTIZED,
+    tolerance=lambda manifest, linears: (TOLERANCE_FLOAT if linears == "float"
+                                         else TOLERANCE_QUANTIZED),
     expert_activations=lambda manifest: "float", linear_activations=_linear_activations,
     device_plans=False, open_options=frozenset({"threads"}), runners=("onnxruntime",),
 )  # fmt: skip
