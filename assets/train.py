@@ -33,9 +33,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from ossedge.quantize import mxfp4
+from ossedge.runtime import load_model
+from ossedge.runtime.atomic import atomic_dir, write_json
+from ossedge.runtime.checkpoint import ATTENTION_WEIGHTS, MLP_WEIGHTS, NORM_WEIGHTS
 from ossedge.runtime.config import (
     FULL,
     MXFP4_QUANTIZATION_CONFIG,
@@ -43,8 +44,16 @@ from ossedge.runtime.config import (
     GptOssConfig,
     preset,
 )
-from ossedge.runtime.checkpoint import ATTENTION_WEIGHTS, MLP_WEIGHTS, NORM_WEIGHTS
+from ossedge.runtime.harmony import Message, render_completion_ids, render_ids
 from ossedge.runtime.model import SWIGLU_ALPHA, apply_rope, rms_norm, rope_tables
+from ossedge.runtime.synth import generation_config
+from ossedge.runtime.tokenizer import (
+    SMALL_SPECIAL_COUNT,
+    Tokenizer,
+    special_ids,
+    train_bpe_tokenizer,
+)
+from torch import nn
 
 # The tensors saved as they are (bf16); the experts' weights go through the MXFP4 encoder.
 _SAVED = {**NORM_WEIGHTS, **ATTENTION_WEIGHTS,
@@ -278,7 +287,6 @@ class TrainModel(nn.Module):
 def build_data(tok, files, seed: int) -> tuple[torch.Tensor, int]:
     """One token stream of training documents and chat turns (shuffled, separated by
     <|endoftext|>), and the number of chat turns in it."""
-    from ossedge.runtime.harmony import Message, render_completion_ids, render_ids
 
     train = [(rel, text) for rel, text in files if not is_heldout(rel)]
     docs = tok.encode_batch([as_document(rel, text) for rel, text in train])
@@ -343,8 +351,6 @@ def train(cfg, stream: torch.Tensor, *, steps: int, batch: int, seed: int, lr: f
 
 
 def heldout_perplexity(model_dir: Path, ids: list[int]) -> float:
-    from ossedge.runtime import load_model
-
     m = load_model(model_dir)
     nll, n = 0.0, 0
     for a in range(0, len(ids) - 1, SEQ):
@@ -365,15 +371,6 @@ def unigram_perplexity(train_ids: torch.Tensor, ids: list[int], vocab: int) -> f
 
 def main() -> None:
     from safetensors.torch import save_file
-
-    from ossedge.runtime.atomic import atomic_dir, write_json
-    from ossedge.runtime.synth import generation_config
-    from ossedge.runtime.tokenizer import (
-        SMALL_SPECIAL_COUNT,
-        Tokenizer,
-        special_ids,
-        train_bpe_tokenizer,
-    )
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-o", "--output", default="assets/tiny-gpt-oss")
@@ -421,7 +418,6 @@ def main() -> None:
         write_json(tmp / "generation_config.json", gen)
 
         # The written checkpoint, run by the reference runtime, is the trained module.
-        from ossedge.runtime import load_model
 
         model.load_exported(tensors)
         x = torch.tensor(eval_ids[:SEQ])[None]

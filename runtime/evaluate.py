@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from ossedge.runtime.checkpoint import detect_layout, read_manifest
 from tqdm import tqdm
 
 DEFAULT_TEXT_RESOURCE = "data/eval.txt"
@@ -126,8 +127,6 @@ def window_logits(model: Any, x: torch.Tensor) -> torch.Tensor:
 def describe(path: str | Path, artifact: str | None = None) -> dict[str, Any]:
     """What a model path is, for the report: layout and, when quantized, the recipe. `artifact`:
     the target name when `path` is an artifact (its manifest gives the recipe)."""
-    from ossedge.runtime.checkpoint import detect_layout
-    from ossedge.runtime.checkpoint import read_manifest
 
     if artifact:
         import json

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from ossedge.runtime.errors import OssedgeError
+from ossedge.runtime.model import Experts, linear
 
 FORMAT = "ossedge-expert-profile"
 VERSION = 1
@@ -32,8 +32,6 @@ def profile_experts(model, ids: list[int], *, window: int = 256, progress: bool 
     """Selection counts [L][E] of the reference `model` over token `ids`, fed in windows of
     `window` tokens (each from its own start)."""
     from tqdm import tqdm
-
-    from ossedge.runtime.model import Experts, linear
 
     cfg = model.config
     counts = torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts, dtype=torch.long)

@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from tqdm import tqdm
-
 from ossedge.quantize import mxfp4
 from ossedge.runtime.atomic import atomic_dir, write_json
 from ossedge.runtime.checkpoint import INDEX_FILE, TensorSpec, expected_tensors, original_name
@@ -28,6 +26,9 @@ from ossedge.runtime.config import (
     preset,
 )
 from ossedge.runtime.safetensors_stream import write_streaming
+from ossedge.runtime.tokenizer import build_synthetic_tokenizer, special_ids
+from ossedge.runtime.tokenizer_o200k import O200K_VOCAB_SIZE, build_o200k_harmony
+from tqdm import tqdm
 
 if TYPE_CHECKING:
     import tokenizers
@@ -211,7 +212,6 @@ def synthesize(
     of 201088 gets gpt-oss's real tokenizer (see `checkpoint_tokenizer`). With `router_skew`,
     router biases are offset so that expert usage per layer is skewed like gpt-oss-20b's
     published profiles (SKEW_TOP_QUARTER) instead of near uniform."""
-    from ossedge.runtime.tokenizer import special_ids
 
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
@@ -257,8 +257,6 @@ def checkpoint_tokenizer(vocab_size: int) -> tokenizers.Tokenizer:
     """The tokenizer a synthetic checkpoint ships: gpt-oss's own (o200k_harmony, which needs the
     `tokenizer` extra) for its vocabulary of 201088, a small trained one of the same form for any
     other size."""
-    from ossedge.runtime.tokenizer import build_synthetic_tokenizer
-    from ossedge.runtime.tokenizer_o200k import O200K_VOCAB_SIZE, build_o200k_harmony
 
     if vocab_size == O200K_VOCAB_SIZE:
         return build_o200k_harmony()

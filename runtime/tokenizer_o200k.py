@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 import tokenizers
-
+from ossedge.runtime.atomic import atomic_dir, check_output
 from ossedge.runtime.errors import TokenizerError
 from ossedge.runtime.tokenizer import (
     FULL_SPECIAL_COUNT,
@@ -146,7 +146,6 @@ def build_o200k_harmony() -> tokenizers.Tokenizer:
 def write_o200k_harmony(out: str | Path, *, force: bool = False) -> Path:
     """Write out/tokenizer.json (o200k_harmony) atomically and return its path. An existing
     non-empty `out` is refused unless `force`; an empty directory is used."""
-    from ossedge.runtime.atomic import atomic_dir, check_output
 
     out = Path(out)
     force = force or (out.is_dir() and not any(out.iterdir()))

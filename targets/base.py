@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from ossedge.runtime.errors import ArtifactError
+from ossedge.runtime.atomic import sha256_file
+from ossedge.runtime.errors import ArtifactError, OssedgeError
 
 
 class ArtifactModel(Protocol):
@@ -129,7 +130,6 @@ def read_manifest(root: Path, *, fmt: str, what: str, contract: int | tuple[int,
     """An artifact's manifest.json, after checking its format (`fmt`, e.g. "ossedge-onnx"), its
     contract version, and that each of `files` (default: every file it lists) is there with the
     recorded size and, with `checksums`, sha256. `what` names the artifact kind in errors."""
-    from ossedge.runtime.atomic import sha256_file
 
     file = root / "manifest.json"
     try:
@@ -167,7 +167,6 @@ def read_manifest(root: Path, *, fmt: str, what: str, contract: int | tuple[int,
 
 def check_call(input_ids, cache, kind: str) -> int:
     """Validate an artifact model's call: ids [1, T] that fit the cache's context. Returns T."""
-    from ossedge.runtime.errors import OssedgeError
 
     if cache is None:
         raise ValueError(f"{kind} artifact needs cache=model.new_cache()")

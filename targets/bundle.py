@@ -15,9 +15,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ossedge.runtime.atomic import atomic_dir, check_output, write_json
+from ossedge.runtime.atomic import sha256_file as _sha256
+from ossedge.runtime.config import config_from_hf_dict
 from ossedge.runtime.errors import ArtifactError, OssedgeError
-from ossedge.runtime.atomic import sha256_file as _sha256, write_json
+from ossedge.runtime.tokenizer import Tokenizer, generation_ids, special_ids
 from ossedge.targets import TARGETS, target_of
+from ossedge.targets.devices import get_device
+from ossedge.targets.plan import evaluate
+
+from ossedge import __version__
 
 FORMAT = "ossedge-bundle"
 CONTRACT_VERSION = 1
@@ -84,7 +91,6 @@ def _fill(text: str, values: dict[str, str]) -> str:
 
 def _generation(tokenizer_dir: Path, manifest: dict[str, Any]) -> tuple[dict, dict]:
     """(generation defaults, harmony special token ids) from the artifact's tokenizer."""
-    from ossedge.runtime.tokenizer import Tokenizer, generation_ids, special_ids
 
     tok = Tokenizer.from_dir(tokenizer_dir)
     ids = generation_ids(tok)
@@ -110,9 +116,6 @@ def make_bundle(
 ) -> dict[str, Any]:
     """Write the bundle `out` (atomically) for `platform` from artifact directories; return its
     manifest. Every artifact file's sha256 is checked against its own manifest on the way."""
-    from ossedge.runtime.atomic import atomic_dir, check_output
-
-    from ossedge import __version__
 
     if platform not in PLATFORMS:
         raise OssedgeError(f"unknown platform {platform!r}; choose one of {', '.join(PLATFORMS)}")
@@ -198,9 +201,6 @@ def make_bundle(
 
 def _device_plan(device_name: str, opened) -> dict[str, Any]:
     """The plan of each artifact (as built: its recipe and context) on the device."""
-    from ossedge.runtime.config import config_from_hf_dict
-    from ossedge.targets.devices import get_device
-    from ossedge.targets.plan import evaluate
 
     device = get_device(device_name)
     out = {"device": device.to_dict(), "models": {}}

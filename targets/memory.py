@@ -18,8 +18,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ossedge.quantize.qtensor import stored_bytes
+from ossedge.quantize.recipes import get_recipe
 from ossedge.runtime.checkpoint import logical_tensors
 from ossedge.runtime.config import GptOssConfig
+from ossedge.targets import TARGETS
 
 # The runtime itself, as (heap, mapped library pages). python: this process with torch, the
 # executorch pybindings and the ossedge kernels imported and a program initialized (measured on
@@ -79,7 +82,6 @@ def grouped(cfg: GptOssConfig, recipe: str, size) -> dict[str, int]:
     """Bytes by group — experts (weights), expert_biases, linears (attention q/k/v/o and the
     unembedding, with their biases), embedding, small (norms, sinks, router) — with
     `size(fmt, name, shape)` the bytes a target stores one tensor in."""
-    from ossedge.quantize.recipes import get_recipe
 
     rec = get_recipe(recipe)
     out = dict.fromkeys(("experts", "expert_biases", "linears", "embedding", "small"), 0)
@@ -99,7 +101,6 @@ def grouped(cfg: GptOssConfig, recipe: str, size) -> dict[str, int]:
 def stored_weights(cfg: GptOssConfig, recipe: str, *, kept_bytes: int) -> dict[str, int]:
     """Stored bytes by group (`grouped`). Kept (unquantized) tensors count `kept_bytes` per
     value: what the target stores them as."""
-    from ossedge.quantize.qtensor import stored_bytes
 
     def size(fmt: str, name: str, shape: tuple[int, ...]) -> int:
         if fmt != "keep":
@@ -122,7 +123,6 @@ def kv_cache_bytes(cfg: GptOssConfig, context: int, *, dtype_bytes: int) -> int:
 def footprint(cfg: GptOssConfig, target: str, recipe: str, context: int, **kw) -> Footprint:
     """The predicted peak memory of `target`'s artifact (its registered footprint model; the
     `max_prefill` of the ExecuTorch program, ignored where a target feeds prompts its own way)."""
-    from ossedge.targets import TARGETS
 
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
@@ -132,7 +132,6 @@ def footprint(cfg: GptOssConfig, target: str, recipe: str, context: int, **kw) -
 def decode_weight_bytes(cfg: GptOssConfig, target: str, recipe: str) -> int:
     """Weight bytes one decoded token reads: the k selected experts of every layer (with their
     biases), all linear layers and small tensors, one embedding row (the target's stored bytes)."""
-    from ossedge.targets import TARGETS
 
     w = TARGETS[target].hook("weights")(cfg, recipe)
     selected = w["experts"] + w["expert_biases"]
@@ -143,7 +142,6 @@ def decode_weight_bytes(cfg: GptOssConfig, target: str, recipe: str) -> int:
 def decode_read_bytes(cfg: GptOssConfig, target: str, recipe: str, context: int) -> int:
     """Bytes one decoded token reads: its weights (`decode_weight_bytes`) and the KV cache (the
     programs attend over every slot, masked)."""
-    from ossedge.targets import TARGETS
 
     kv = TARGETS[target].hook("kv_bytes")(cfg, context)
     return decode_weight_bytes(cfg, target, recipe) + kv

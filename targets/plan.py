@@ -10,11 +10,21 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ossedge.quantize.recipes import DEFAULT_RECIPE
-from ossedge.runtime.config import DEFAULT_CONTEXT, GptOssConfig
+from ossedge.quantize.recipes import DEFAULT_RECIPE, get_recipe
+from ossedge.runtime.checkpoint import detect_layout
+from ossedge.runtime.config import (
+    DEFAULT_CONTEXT,
+    GptOssConfig,
+    config_from_hf_dict,
+    load_config,
+    preset,
+)
 from ossedge.runtime.errors import BudgetError, OssedgeError
-from ossedge.targets import TARGETS
+from ossedge.runtime.profile import hit_rate
+from ossedge.targets import TARGETS, artifact_format
 from ossedge.targets.devices import Device
+from ossedge.targets.executorch.memory import executorch_footprint
+from ossedge.targets.executorch.pack import Layout
 from ossedge.targets.memory import Footprint, decode_read_bytes, footprint
 
 # Best quality first: `convert --device` takes the first that fits.
@@ -82,8 +92,6 @@ CACHE_MARGIN = 256 << 20  # what the hosts leave free under the limit (runtime/e
 
 def expert_stride(cfg: GptOssConfig, recipe: str) -> int:
     """Bytes of one packed expert (one extent of a version-2 ExecuTorch artifact)."""
-    from ossedge.quantize.recipes import get_recipe
-    from ossedge.targets.executorch.pack import Layout
 
     shape = (cfg.num_local_experts, 2 * cfg.intermediate_size, cfg.hidden_size)
     fmt = get_recipe(recipe).format_for("model.layers.0.mlp.experts.gate_up_proj", shape)
@@ -99,7 +107,6 @@ def streaming_decode(cfg: GptOssConfig, f: Footprint, budget: int, *, storage_gb
     hit rate is the share of selections its slots serve (the profile's most frequent experts, or
     slots / all experts for uniform routing); each miss reads one expert at `storage_gbs`, after
     `compute_s` of computing the token."""
-    from ossedge.runtime.profile import hit_rate
 
     stride = expert_stride(cfg, f.recipe)
     every = cfg.num_hidden_layers * cfg.num_local_experts
@@ -254,7 +261,6 @@ def measured_streaming() -> dict[str, Any] | None:
 def predicted_rows(measured: dict[str, Any]) -> list[dict[str, Any]]:
     """The measured expert-cache runs beside what `streaming_decode` predicts for the same limit,
     disk rate and unconstrained speed (the 20b, recipe mobile, context 4096, app host)."""
-    from ossedge.targets.executorch.memory import executorch_footprint
 
     cfg, _ = model_config(None)
     f = executorch_footprint(cfg, "mobile", 4096)
@@ -274,7 +280,6 @@ def predicted_rows(measured: dict[str, Any]) -> list[dict[str, Any]]:
 def artifact_settings(path: str | Path | None) -> dict[str, Any]:
     """For an ossedge artifact: its target, recipe and context (what `plan` evaluates by
     default); {} for anything else."""
-    from ossedge.targets import artifact_format
 
     if path is None or not artifact_format(path):
         return {}
@@ -287,7 +292,6 @@ def artifact_settings(path: str | Path | None) -> dict[str, Any]:
 def model_config(path: str | Path | None) -> tuple[GptOssConfig, str]:
     """(config, label) of a checkpoint, quantized checkpoint, artifact or config.json; None: the
     released gpt-oss-20b."""
-    from ossedge.runtime.config import config_from_hf_dict, load_config, preset
 
     if path is None:
         return preset("20b"), "gpt-oss-20b"
@@ -302,7 +306,6 @@ def model_config(path: str | Path | None) -> tuple[GptOssConfig, str]:
             return config_from_hf_dict(d["config"], str(manifest)), str(p)
     if p.suffix == ".json" and p.is_file():
         return load_config(p), str(p)
-    from ossedge.runtime.checkpoint import detect_layout
 
     root, _ = detect_layout(p)  # a clear error for a path that is no model
     return load_config(root), str(p)

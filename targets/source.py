@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ossedge.quantize.recipes import DEFAULT_RECIPE
+from ossedge.runtime.checkpoint import QuantizedCheckpoint, open_checkpoint
 from ossedge.runtime.errors import OssedgeError
+from ossedge.runtime.quantized import QuantizedView
 
 
 class SourceError(OssedgeError):
@@ -16,10 +19,6 @@ def weight_source(ckpt_path: str | Path, recipe: str | None, *, default: str | N
     """(source with `.config` and `.weight(name)`, recipe name). A quantized checkpoint keeps its
     recipe (asking for another is an error); a plain one gets `recipe`, else `default`, else the
     default recipe."""
-    from ossedge.quantize.recipes import DEFAULT_RECIPE
-    from ossedge.runtime.checkpoint import open_checkpoint
-    from ossedge.runtime.checkpoint import QuantizedCheckpoint
-    from ossedge.runtime.quantized import QuantizedView
 
     ckpt = open_checkpoint(ckpt_path)
     if isinstance(ckpt, QuantizedCheckpoint):

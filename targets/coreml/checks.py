@@ -7,7 +7,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from ossedge.quantize.qtensor import QTensor
+from ossedge.runtime.model import rope_tables
 from ossedge.targets.coreml import CoreMLArtifactError
+from ossedge.targets.coreml.interpreter import _DTYPES, _Type
 from ossedge.targets.coreml.runner import CoreMLModel
 
 
@@ -74,7 +77,6 @@ def _rotary_tables(pkg, fn_name: str, ops, cfg, context: int) -> list[str]:
     """The attention function's cos and sin tables (the [context, D/2] constants it gathers a
     position's row from) must be the reference's YaRN tables: a table slightly off (a flipped
     `truncate`) moves the logits little at the first positions and much later on."""
-    from ossedge.runtime.model import rope_tables
 
     want = [t.numpy() for t in rope_tables(cfg, torch.arange(context))]
     found = [pkg._value(op.attributes["val"]) for op in ops if op.type == "const"]
@@ -88,7 +90,6 @@ def _rotary_tables(pkg, fn_name: str, ops, cfg, context: int) -> list[str]:
 
 def _decode_weight(pkg, fn_name: str, output: str) -> tuple[np.ndarray, int]:
     """A weight's dense value as the program defines it, and the bits its constexpr chain stores."""
-    from ossedge.targets.coreml.interpreter import _DTYPES, _Type
 
     env: dict[str, Any] = {}
     bits: dict[str, int] = {}
@@ -115,7 +116,6 @@ def check_structure(model: CoreMLModel, source) -> dict[str, Any]:
     checkpoint with the artifact's recipe applied (`source`): function signatures, package
     contents, state writes, no compressed weight behind a gather, expert weights decoding exactly
     to the source's values, and their stored bits per weight."""
-    from ossedge.quantize.qtensor import QTensor
 
     if model.engine_name != "interpreter":
         raise ValueError("check_structure needs the interpreter engine")

@@ -24,6 +24,9 @@ from typing import Any
 import torch
 from ossedge.quantize.qtensor import QTensor
 from ossedge.runtime.errors import OssedgeError
+from ossedge.targets.coreml import builder as mil
+from ossedge.targets.coreml.builder import EXACT_FP16_SCALES
+from ossedge.targets.coreml.interpreter import MilPackage, quiet_coremltools
 
 MANIFEST, TOKENIZER, EMBEDDING = "manifest.json", "tokenizer.json", "embedding.safetensors"
 TARGETS = ("ios18", "ios26")
@@ -113,8 +116,6 @@ def _attention_weights(source, layer: int) -> dict[str, Any]:
 
 
 def build_function(source, f: Function, context: int, opset, cache: dict) -> Callable:
-    from ossedge.targets.coreml import builder as mil
-
     cfg = source.config
     if f.kind == "attention":
         return mil.attention_function(cfg, f.layer, _attention_weights(source, f.layer), context,
@@ -176,7 +177,6 @@ def write_embedding(source, path: Path) -> dict[str, Any]:
 
 def check_expert_scales(source) -> int:
     """Blocks of MXFP4 experts whose values fp16 cannot hold exactly (0 for gpt-oss)."""
-    from ossedge.targets.coreml.builder import EXACT_FP16_SCALES
 
     cfg = source.config
     lo, hi = EXACT_FP16_SCALES
@@ -199,7 +199,6 @@ def package_files(root: Path) -> Iterator[Path]:
 def check_options(options: dict[str, Any]) -> str:
     """The deployment target (default ios26) and chunk size; returns its default recipe (ios18
     cannot store MXFP4 experts compactly: int4)."""
-    from ossedge.targets.coreml.interpreter import quiet_coremltools
 
     quiet_coremltools()
     dt = options["deployment_target"] = options.get("deployment_target") or DEFAULT_TARGET
@@ -226,7 +225,6 @@ def prepare(job) -> int:
 def write(job, tmp: Path) -> dict[str, Any]:
     """The chunked .mlpackages and embedding.safetensors into `tmp` (stages packages, embedding);
     the manifest's Core ML part (functions, call order)."""
-    from ossedge.targets.coreml.interpreter import MilPackage
     from tqdm import tqdm
 
     source, cfg, o = job.source, job.config, job.options

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from ossedge.runtime.errors import OssedgeError
+from ossedge.targets.base import quiet_imports
 
 BLOB_SENTINEL = 0xDEADBEEF
 MODEL_FILE = Path("Data/com.apple.CoreML/model.mlmodel")
@@ -63,8 +64,6 @@ def quiet_coremltools() -> None:
     macOS-only runtime); none matter here. Silence them once, before the first import."""
     import logging
     import warnings
-
-    from ossedge.targets.base import quiet_imports
 
     quiet_imports()
     logging.getLogger("coremltools").setLevel(logging.ERROR)

@@ -17,16 +17,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ossedge.quantize.qtensor import QTensor
+from ossedge.runtime.config import config_from_hf_dict
 from ossedge.runtime.routing import Routing, concat_calls
+from ossedge.targets.base import check_call
 from ossedge.targets.coreml import TARGET, CoreMLArtifactError
+from ossedge.targets.coreml.interpreter import MilPackage
 
 ENGINES = ("auto", "coreml", "interpreter")
 
 
 class _InterpreterEngine:
     def __init__(self, root: Path, manifest: dict) -> None:
-        from ossedge.targets.coreml.interpreter import MilPackage
-
         self.packages = {name: MilPackage(root / name) for name in manifest["packages"]}
         self.where = {f: d["package"] for f, d in manifest["functions"].items()}
 
@@ -80,7 +82,6 @@ class CoreMLModel:
     prediction call per function, as the artifact's functions take one token)."""
 
     def __init__(self, root: str | Path, *, engine: str = "auto", checksums: bool = False) -> None:
-        from ossedge.runtime.config import config_from_hf_dict
         from safetensors import safe_open
 
         self.root = Path(root)
@@ -111,7 +112,6 @@ class CoreMLModel:
 
     def embed(self, token: int) -> np.ndarray:
         """fp32 [1, H] embedding row of `token`."""
-        from ossedge.quantize.qtensor import QTensor
 
         if not 0 <= token < self._emb_shape[0]:
             raise ValueError(f"token id {token} outside the vocabulary of {self._emb_shape[0]}")
@@ -161,7 +161,6 @@ class CoreMLModel:
     def __call__(
         self, input_ids: torch.Tensor, *, cache: CoreMLCache | None = None, last_only: bool = True
     ) -> torch.Tensor:
-        from ossedge.targets.base import check_call
 
         check_call(input_ids, cache, "a Core ML")
         for tok in input_ids[0].tolist():

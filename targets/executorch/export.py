@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from ossedge.quantize.qtensor import INT4_GROUP, QTensor
 from ossedge.runtime.errors import OssedgeError
+from ossedge.runtime.profile import ProfileError, check_profile
+from ossedge.runtime.tokenizer import generation_ids
 from ossedge.targets.base import quiet_imports
 from ossedge.targets.executorch import CONTRACT_VERSION, ptd
 from ossedge.targets.executorch.model import (
@@ -26,6 +28,7 @@ from ossedge.targets.executorch.model import (
     expert_constants,
     packed_layer,
 )
+from ossedge.targets.memory import kv_cache_bytes
 from torch import nn
 
 # 2: one packed uint8 tensor per layer holding each expert as one extent (pack.py), read by
@@ -86,7 +89,6 @@ def xnnpack_linear(w: torch.Tensor | QTensor, b: torch.Tensor | None) -> nn.Modu
 
 def metadata(model: ExportableGptOss, tokenizer) -> dict[str, Any]:
     """Constant methods ExecuTorch's LLM runners read (names as they expect them)."""
-    from ossedge.runtime.tokenizer import generation_ids
 
     ids = generation_ids(tokenizer)
     return {
@@ -195,7 +197,6 @@ def _expert_part(source, layer: int, buf: str) -> Callable[[int], torch.Tensor]:
 def _store(model: ExportableGptOss, ptd_path: Path) -> dict[str, Any]:
     """Where the packed experts are in model.ptd: one [E, stride] tensor per layer; and the KV
     cache's bytes, which a host sizing the cache finds resident already after loading."""
-    from ossedge.targets.memory import kv_cache_bytes
 
     cfg = model.config
     entries = ptd.read_index(ptd_path).entries()
@@ -234,7 +235,6 @@ def prepare(job) -> int:
     """Fill in the defaults (`max_prefill`: the sliding window; `lookahead`: on for contract 2)
     and check them and the routing profile against the model; the smallest context is one
     prefill."""
-    from ossedge.runtime.profile import ProfileError, check_profile
 
     o, cfg = job.options, job.config
     o.setdefault("contract", CONTRACT_VERSION)

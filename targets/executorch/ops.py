@@ -41,9 +41,9 @@ native kernel skips the slots the mask sets to -inf, so a long cache costs only 
 from __future__ import annotations
 
 import torch
-
 from ossedge.quantize.intq import round_activations_int8
 from ossedge.quantize.qtensor import QTensor
+from ossedge.targets.executorch.pack import Layout, unpack_expert
 
 _ARGS = {
     "mxfp4": "Tensor gate_up_blocks, Tensor gate_up_scales, Tensor gate_up_bias, "
@@ -126,7 +126,6 @@ def moe_packed_reference(
     intermediate: int, limit: float, alpha: float,
 ) -> torch.Tensor:  # fmt: skip
     """The packed operators' math: route, then `moe_reference` on the selected experts only."""
-    from ossedge.targets.executorch.pack import Layout, unpack_expert
 
     fmt = _FORMAT[kind][0]
     layout = Layout(fmt, x.shape[-1], intermediate)

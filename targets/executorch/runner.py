@@ -10,10 +10,13 @@ from pathlib import Path
 import torch
 from ossedge.runtime import expert_cache as cache_api
 from ossedge.runtime import routing
+from ossedge.runtime.config import config_from_hf_dict
 from ossedge.runtime.errors import ArtifactError
 from ossedge.targets.base import check_call, quiet_imports
 from ossedge.targets.executorch import TARGET
 from ossedge.targets.executorch.library import _loaded, _no_memory_lock, _stderr_to, load_kernels
+from ossedge.targets.executorch.memory import executorch_footprint
+from ossedge.targets.executorch.ptd import read_index
 
 # ---------------------------------------------------------------------------------------------
 # Artifacts: model.pte + model.ptd + tokenizer.json + manifest.json (see README, "ExecuTorch").
@@ -51,7 +54,6 @@ class ExecuTorchModel:
         cache_aware_routing: int = 0, routing_pool: int | None = None, threads: int | None = None,
     ) -> None:  # fmt: skip
         quiet_imports()
-        from ossedge.targets.executorch.ptd import read_index
 
         if threads:  # the pybindings' thread pool (XNNPACK and the ossedge kernels)
             from executorch.extension.pybindings import portable_lib
@@ -170,8 +172,6 @@ def expert_cache_option(value: str | int | None) -> str | int:
 def resident_rest(manifest: dict) -> int:
     """What this process holds besides the experts with the artifact loaded (the memory model's
     anonymous parts for a Python host, and its library pages)."""
-    from ossedge.runtime.config import config_from_hf_dict
-    from ossedge.targets.executorch.memory import executorch_footprint
 
     f = executorch_footprint(config_from_hf_dict(manifest["config"]), manifest["recipe"],
                              int(manifest["max_context"]), max_prefill=int(manifest["max_prefill"]),

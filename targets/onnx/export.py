@@ -27,9 +27,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from ossedge.quantize.mxfp4 import FP4_VALUES
 from ossedge.quantize.qtensor import QTensor
-from ossedge.runtime.errors import OssedgeError
 from ossedge.runtime.atomic import write_json
+from ossedge.runtime.errors import OssedgeError
+from ossedge.runtime.model import rope_tables
 
 MODEL, DATA, TOKENIZER, MANIFEST, GENAI = (
     "model.onnx", "model.onnx.data", "tokenizer.json", "manifest.json", "genai_config.json"
@@ -156,7 +158,6 @@ def _experts(g: _Graph, source, layer: int, name: str) -> tuple[str, str, int]:
         data = _np(w.parts["q"])
         scales = _f32(w.parts["scale"])
         return g.const(f"{prefix}.qweight", data), g.const(f"{prefix}.scales", scales), 4
-    from ossedge.quantize.mxfp4 import FP4_VALUES
 
     codes = _np(w.parts["blocks"])  # [E, N, K/32, 16]
     twice = (np.asarray(FP4_VALUES, dtype=np.float32) * 2).astype(np.int16) + 128  # exact ints
@@ -174,7 +175,6 @@ def build_graph(source, out: Path, max_context: int, progress: bool) -> dict[str
     """Write model.onnx and model.onnx.data into `out`; returns facts for the manifest."""
     import onnx
     from onnx import TensorProto, helper
-    from ossedge.runtime.model import rope_tables
     from tqdm import tqdm
 
     cfg = source.config

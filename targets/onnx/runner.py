@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from ossedge.runtime.errors import ArtifactError
 from ossedge.runtime.routing import Routing, concat_calls, from_logits
+from ossedge.targets.base import check_call
 from ossedge.targets.onnx import PREFILL_CHUNK, TARGET
-
 
 
 @dataclass
@@ -146,7 +146,6 @@ class OnnxModel:
     def __call__(
         self, input_ids: torch.Tensor, *, cache: OnnxCache | None = None, last_only: bool = True
     ) -> torch.Tensor:
-        from ossedge.targets.base import check_call
 
         t = check_call(input_ids, cache, "an ONNX")
         ids = input_ids.to(torch.long).numpy()
