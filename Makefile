@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR := out/demo
 MODEL := assets/tiny-gpt-oss
+# the kernels' CMake builds run make inside make: no "Entering directory" lines for each
+MAKEFLAGS += --no-print-directory
 
 .PHONY: install kernels arm64-tools demo test bench-reference clean
 

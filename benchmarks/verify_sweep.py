@@ -4,6 +4,7 @@ by the rule before it (logits against a reference routed on its own, float linea
 
     python -m ossedge.benchmarks.verify_sweep [--seeds 20] [--targets executorch,onnx,coreml]
         [--recipes mobile,...] [--out benchmarks/results/verify-sweep]
+    python -m ossedge.benchmarks.verify_sweep --merge DIR... [--out DIR]   # parts run in parallel
 
 Each checkpoint is `ossedge synth --preset tiny --seed S` (plus the bundled model), converted with
 `ossedge convert --verify-tokens 0` and then verified in this process. Writes rows.json (one row
@@ -66,7 +67,17 @@ def main() -> None:
     p.add_argument("--targets", default="executorch,onnx,coreml")
     p.add_argument("--recipes", default=None, help="Only these recipes [default: every one]")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/verify-sweep"))
+    p.add_argument("--merge", nargs="+", type=Path, default=None,
+                   help="Merge the rows.json of these sweeps (e.g. one per target, run in "
+                   "parallel) into --out instead of running one")  # fmt: skip
     a = p.parse_args()
+    if a.merge:
+        rows = [r for d in a.merge for r in json.loads((d / "rows.json").read_text())]
+        a.out.mkdir(parents=True, exist_ok=True)
+        write_json(a.out / "rows.json", rows)
+        (a.out / "report.md").write_text(report(rows))
+        print(report(rows))
+        return
     only = set(a.recipes.split(",")) if a.recipes else None
     rows = []
     a.out.mkdir(parents=True, exist_ok=True)
