@@ -15,6 +15,7 @@ import pytest
 from ossedge.runtime.config import FULL, SLIDING, GptOssConfig, preset
 from ossedge.runtime.synth import synthesize
 from shared_artifacts import ARTIFACT_OPTIONS, VERIFY_TOKENS
+from shared_artifacts import NAMES as ARTIFACT_NAMES
 
 SEED = 0
 
@@ -99,7 +100,7 @@ def artifact_of(tmp_path_factory):
 
     def get(target: str) -> Path:
         if target not in made:
-            out = tmp_path_factory.mktemp(target) / f"tiny-{target}"
+            out = tmp_path_factory.mktemp(target) / ARTIFACT_NAMES.get(target, f"tiny-{target}")
             convert(target, default_model_dir(), out, verify_tokens=VERIFY_TOKENS,
                     **ARTIFACT_OPTIONS.get(target, {}))  # fmt: skip
             made[target] = out

@@ -8,3 +8,5 @@
 ARTIFACT_OPTIONS = {"executorch": {"max_context": 2048}, "coreml": {"max_context": 128},
                     "onnx": {"max_context": 160}}  # fmt: skip
 VERIFY_TOKENS = 72
+# the artifact directories' names (a bundle lists its models by them)
+NAMES = {"executorch": "tiny-et"}
