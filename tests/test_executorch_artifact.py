@@ -198,8 +198,8 @@ def test_generate_on_artifact_matches_reference_greedy(artifact):
 
 
 def test_prompt_longer_than_context(artifact):
-    p = run("generate", str(artifact), "--prompt", "x = 1\n" * 200, "--max-new-tokens", "2")
-    assert_one_line_error(p, "context window is 160")
+    p = run("generate", str(artifact), "--prompt", "x = 1\n" * 1200, "--max-new-tokens", "2")
+    assert_one_line_error(p, f"context window is {CONTEXT}")
 
 
 def _copy(artifact: Path, tmp_path: Path) -> Path:
