@@ -130,7 +130,8 @@ def test_missing_file(runner, artifact, tmp_path):
 def test_prompt_longer_than_context(runner, artifact):
     p = run(runner, "--model", str(artifact), "--prompt-length", str(CONTEXT + 44))
     assert_one_line_error(p, "exceed", str(CONTEXT))
-    p = run(runner, "--model", str(artifact), "--prompt-length", "250", "--gen-tokens", "7")
+    p = run(runner, "--model", str(artifact), "--prompt-length", str(CONTEXT - 6), "--gen-tokens",
+            "7")
     assert_one_line_error(p, "exceed", str(CONTEXT))
 
 
