@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+import ossedge.convert.pipeline as pipeline_module
 import ossedge.targets.executorch.model as et_model
 import ossedge.targets.source as source_module
 from ossedge.cli.main import main
@@ -100,7 +101,8 @@ def _mutate_source(monkeypatch, fix=None, bend=None) -> None:
         src, recipe = real(*args, **kwargs)
         return Mutated(src, fix, bend(src.config) if bend else None), recipe
 
-    monkeypatch.setattr(source_module, "weight_source", mutated)
+    # where the conversion pipeline reads its weights
+    monkeypatch.setattr(pipeline_module, "weight_source", mutated)
 
 
 def _position_off_by_one(monkeypatch) -> None:
