@@ -16,7 +16,7 @@ from typing import Any
 from ossedge.benchmarks.roofline import roofline
 from ossedge.runtime.atomic import sha256_file
 from ossedge.runtime.errors import BenchError
-from ossedge.targets import DEFAULT_TARGET, TARGETS
+from ossedge.targets import DEFAULT_TARGET, TARGETS, target_for_format
 
 SCHEMA = "ossedge-bench/1"
 DEFAULT_PROMPT_LENGTHS = (128, 512, 2048)
@@ -259,7 +259,7 @@ def _bytes_per_token(model: Path, info: dict[str, Any]) -> int | None:
     checkpoint (the reference runtime computes in bf16/fp32 from whatever it stores)."""
     from ossedge.benchmarks.roofline import decode_bytes
 
-    if not any(info["format"] == t.format for t in TARGETS.values()):
+    if target_for_format(info["format"]) is None:
         return None  # a checkpoint
     return decode_bytes(json.loads((model / "manifest.json").read_text()))
 

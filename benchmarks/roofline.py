@@ -15,9 +15,9 @@ def decode_bytes(manifest: dict) -> int:
     from ossedge.runtime.config import config_from_hf_dict
     from ossedge.targets.memory import decode_weight_bytes
 
-    from ossedge.targets import TARGETS
+    from ossedge.targets import target_for_format
 
-    (target,) = [name for name, t in TARGETS.items() if t.format == manifest["format"]]
+    target = target_for_format(manifest["format"]).name
     return decode_weight_bytes(config_from_hf_dict(manifest["config"]), target,
                                manifest["recipe"])
 

@@ -41,12 +41,12 @@ from ossedge.runtime.checkpoint import QuantizedCheckpoint
 from ossedge.runtime.quantized import QuantizedView
 from ossedge.runtime.routing import Routing
 from ossedge.runtime.tokenizer import Tokenizer
-from ossedge.targets import TARGETS, open_artifact
+from ossedge.targets import open_artifact, target_for_format
 from tqdm import tqdm
 
 
 def _target(manifest: dict):
-    t = next((t for t in TARGETS.values() if t.format == manifest.get("format")), None)
+    t = target_for_format(manifest.get("format"))
     if t is None:
         raise ArtifactError(f"not an ossedge artifact manifest (format {manifest.get('format')!r})")
     return t

@@ -17,13 +17,17 @@ from ossedge.targets.onnx import TARGET as _ONNX
 TARGETS: dict[str, Target] = {t.name: t for t in (_EXECUTORCH, _COREML, _ONNX)}
 DEFAULT_TARGET = "executorch"
 __all__ = ["TARGETS", "ArtifactModel", "Target", "artifact_format", "looks_like_artifact",
-           "open_artifact", "target_of"]
+           "open_artifact", "target_for_format", "target_of"]
+
+
+def target_for_format(fmt: str | None) -> Target | None:
+    """The target whose manifests say `"format": fmt`, else None."""
+    return next((t for t in TARGETS.values() if t.format == fmt), None)
 
 
 def target_of(path: str | Path) -> Target | None:
     """The target whose artifact `path` holds (by its manifest's format), else None."""
-    fmt = manifest_format(path)
-    return next((t for t in TARGETS.values() if t.format == fmt), None)
+    return target_for_format(manifest_format(path))
 
 
 def artifact_format(path: str | Path) -> str | None:

@@ -95,6 +95,12 @@ class Target:
         return manifest_format(path) == self.format
 
 
+def by_linears(float_bound: float, quantized_bound: float) -> Callable[[dict, str], float]:
+    """A `tolerance`: `float_bound` where the linear layers take float inputs, else
+    `quantized_bound` (a rounding boundary moves a token now and then)."""
+    return lambda manifest, linears: float_bound if linears == "float" else quantized_bound
+
+
 def conversion_hooks(module: str) -> dict[str, str]:
     """The hooks of a conversion, all in `module`: check_options, prepare, write, summary."""
     return {name: f"{module}:{name}" for name in ("check_options", "prepare", "write", "summary")}

@@ -98,6 +98,12 @@ def grouped(cfg: GptOssConfig, recipe: str, size) -> dict[str, int]:
     return out
 
 
+def host_parts(host: str, runtime: str) -> list[Part]:
+    """The runtime's own heap and code pages for `host` ("python" or "app"), named `runtime`."""
+    return [Part("runtime", HOST_BYTES[host][0], "anon", f"{host} host: {runtime} heap"),
+            Part("libraries", HOST_BYTES[host][1], "mapped", f"{host} host: runtime code pages")]
+
+
 def stored_weights(cfg: GptOssConfig, recipe: str, *, kept_bytes: int) -> dict[str, int]:
     """Stored bytes by group (`grouped`). Kept (unquantized) tensors count `kept_bytes` per
     value: what the target stores them as."""

@@ -4,7 +4,7 @@ file memory-mapped by the host."""
 from __future__ import annotations
 
 from ossedge.runtime.config import GptOssConfig
-from ossedge.targets.memory import HOST_BYTES, Footprint, Part, kv_cache_bytes, stored_weights
+from ossedge.targets.memory import Footprint, Part, host_parts, kv_cache_bytes, stored_weights
 
 
 
@@ -27,11 +27,10 @@ def coreml_footprint(
     w = weights(cfg, recipe)
     f = Footprint("coreml", recipe, context, host)
     f.parts += [
-        Part("runtime", HOST_BYTES[host][0], "anon", f"{host} host: Core ML runtime heap"),
-        Part("libraries", HOST_BYTES[host][1], "mapped", f"{host} host: runtime code pages"),
+        *host_parts(host, "Core ML runtime"),
         Part("linears", w["linears"] + w["small"] + w["expert_biases"], "mapped",
              "attention, router and head functions' weights"),
-        Part("kv_cache", kv_cache_bytes(cfg, context, dtype_bytes=2), "anon",
+        Part("kv_cache", kv_bytes(cfg, context), "anon",
              f"fp16 states: {context} slots in full layers, {cfg.sliding_window} in sliding ones"),
         Part("activations", cfg.num_attention_heads * context * 4 * 3, "anon",
              "one token's scores and softmax per call"),

@@ -5,7 +5,7 @@ the files every artifact has, and verify's tolerances. `TARGET` registers it (os
 
 from __future__ import annotations
 
-from ossedge.targets.base import Target, conversion_hooks
+from ossedge.targets.base import Target, by_linears, conversion_hooks
 
 FORMAT = "ossedge-executorch"
 # 1: four stacked expert tensors per layer; 2: one packed tensor per layer (an expert cache can
@@ -32,8 +32,7 @@ TARGET = Target(
            "weights": "ossedge.targets.executorch.memory:weights",
            "kv_bytes": "ossedge.targets.executorch.memory:kv_bytes",
            "check_structure": "ossedge.targets.executorch.checks:check_structure"},
-    tolerance=lambda manifest, linears: (TOLERANCE_FLOAT if linears == "float"
-                                         else TOLERANCE_QUANTIZED),
+    tolerance=by_linears(TOLERANCE_FLOAT, TOLERANCE_QUANTIZED),
     # ossedge::moe_* round the experts' inputs to int8 per block of 32
     expert_activations=lambda manifest: "int8-b32",
     # XNNPACK's quantized linears take int8 inputs per token

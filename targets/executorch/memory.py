@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ossedge.runtime.config import GptOssConfig
-from ossedge.targets.memory import HOST_BYTES, Footprint, Part, kv_cache_bytes, stored_weights
+from ossedge.targets.memory import Footprint, Part, host_parts, kv_cache_bytes, stored_weights
 
 
 
@@ -29,7 +29,7 @@ def executorch_activation_bytes(cfg: GptOssConfig, context: int, max_prefill: in
     g = cfg.num_attention_heads // cfg.num_key_value_heads
     p = max_prefill
     masks = g * p * (context + p) * 4 + p * context * 4
-    return max(kv_cache_bytes(cfg, context, dtype_bytes=4), masks) + p * cfg.hidden_size * 4
+    return max(kv_bytes(cfg, context), masks) + p * cfg.hidden_size * 4
 
 
 def executorch_footprint(
@@ -48,11 +48,10 @@ def executorch_footprint(
     w = weights(cfg, recipe)
     f = Footprint("executorch", recipe, context, host)
     f.parts += [
-        Part("runtime", HOST_BYTES[host][0], "anon", f"{host} host: runtime heap"),
-        Part("libraries", HOST_BYTES[host][1], "mapped", f"{host} host: runtime code pages"),
+        *host_parts(host, "runtime"),
         Part("linears", w["linears"] + w["small"], "anon",
              "attention and unembedding, repacked by XNNPACK at load; norms, router, sinks"),
-        Part("kv_cache", kv_cache_bytes(cfg, context, dtype_bytes=4), "anon",
+        Part("kv_cache", kv_bytes(cfg, context), "anon",
              f"fp32 K/V: {context} slots in full layers, {cfg.sliding_window} in sliding ones"),
         Part("activations", executorch_activation_bytes(cfg, context, p), "anon",
              f"planned arena at the largest prefill ({p} tokens)"),

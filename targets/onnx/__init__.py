@@ -4,7 +4,7 @@ Its contract, defined here once; `TARGET` registers it (ossedge.targets)."""
 
 from __future__ import annotations
 
-from ossedge.targets.base import Target, conversion_hooks
+from ossedge.targets.base import Target, by_linears, conversion_hooks
 
 FORMAT = "ossedge-onnx"
 CONTRACT_VERSION = 1
@@ -35,8 +35,7 @@ TARGET = Target(
            "footprint": "ossedge.targets.onnx.memory:onnx_footprint",
            "weights": "ossedge.targets.onnx.memory:weights",
            "kv_bytes": "ossedge.targets.onnx.memory:kv_bytes"},
-    tolerance=lambda manifest, linears: (TOLERANCE_FLOAT if linears == "float"
-                                         else TOLERANCE_QUANTIZED),
+    tolerance=by_linears(TOLERANCE_FLOAT, TOLERANCE_QUANTIZED),
     expert_activations=lambda manifest: "float", linear_activations=_linear_activations,
     device_plans=False, open_options=frozenset({"threads"}), runners=("onnxruntime",),
 )  # fmt: skip

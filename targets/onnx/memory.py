@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from ossedge.runtime.config import GptOssConfig
-from ossedge.targets.memory import HOST_BYTES, Footprint, Part, grouped
+from ossedge.targets.memory import Footprint, Part, grouped, host_parts
 from ossedge.targets.onnx import PREFILL_CHUNK
 
 def _onnx_bytes(fmt: str, name: str, shape: tuple[int, ...]) -> int:
@@ -42,8 +42,7 @@ def onnx_footprint(cfg: GptOssConfig, recipe: str, context: int, *, host: str = 
     w = onnx_weights(cfg, recipe)
     f = Footprint("onnx", recipe, context, host)
     f.parts += [
-        Part("runtime", HOST_BYTES[host][0], "anon", f"{host} host: ONNX Runtime heap"),
-        Part("libraries", HOST_BYTES[host][1], "mapped", f"{host} host: runtime code pages"),
+        *host_parts(host, "ONNX Runtime"),
         Part("linears", w["linears"] + w["small"] + w["expert_biases"], "mapped",
              "attention, router and unembedding (MatMulNBits or fp32), mapped"),
         Part("kv_cache", onnx_kv_bytes(cfg, context), "anon",
