@@ -72,6 +72,9 @@ def main() -> None:
                    "parallel) into --out instead of running one")  # fmt: skip
     a = p.parse_args()
     if a.merge:
+        missing = [str(d) for d in a.merge if not (d / "rows.json").is_file()]
+        if missing:
+            sys.exit(f"error: no rows.json in {', '.join(missing)}; give directories a sweep wrote")
         rows = [r for d in a.merge for r in json.loads((d / "rows.json").read_text())]
         a.out.mkdir(parents=True, exist_ok=True)
         write_json(a.out / "rows.json", rows)
