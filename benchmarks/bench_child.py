@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 
 from ossedge.benchmarks.harness import BACKENDS, prompt_ids
+from ossedge.benchmarks.rss import proc_status
+from ossedge.runtime.expert_cache import parse_option
+from ossedge.targets import open_artifact
 
 
 def load(backend: str, model: str, threads: int | None = None, expert_cache: str = "auto",
@@ -29,12 +32,10 @@ def load(backend: str, model: str, threads: int | None = None, expert_cache: str
     if backend == "reference":
         import torch
 
-        from ossedge.runtime import load_model
+        from ossedge.runtime.model import load_model
 
         m = load_model(model, dtype=torch.float32)
         return m, m.config.vocab_size
-    from ossedge.runtime.expert_cache import parse_option
-    from ossedge.targets import open_artifact
 
     m = open_artifact(model, threads=threads, expert_cache=parse_option(expert_cache),
                       cache_aware_routing=routing[0], routing_pool=routing[1])  # fmt: skip
@@ -139,8 +140,6 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
 
     import torch
-
-    from ossedge.benchmarks.rss import proc_status
 
     if a.threads:
         torch.set_num_threads(a.threads)

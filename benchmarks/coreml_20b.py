@@ -23,13 +23,14 @@ import time
 from pathlib import Path
 
 from ossedge.benchmarks.quantize_20b import _run_measured
+from ossedge.benchmarks.rss import proc_status
+from ossedge.runtime.config import config_from_hf_dict
 
 GB = 1e9
 
 def structure(root: str, ckpt: str) -> dict:
     """The structure check of the artifact against the checkpoint with its recipe, timed, with
     this process's peak RSS (run in a child process of its own: `--structure-child`)."""
-    from ossedge.benchmarks.rss import proc_status
     from ossedge.runtime.checkpoint import open_checkpoint
     from ossedge.runtime.quantized import QuantizedView
     from ossedge.targets.coreml.checks import check_structure
@@ -47,8 +48,6 @@ def structure(root: str, ckpt: str) -> dict:
 def bytes_per_token(manifest: dict) -> dict[str, int]:
     """Weight bytes of the functions one token runs (as the manifest records them): the
     attention function of every layer, k of its experts, the head, one embedding row."""
-    from ossedge.runtime.config import config_from_hf_dict
-
     cfg = config_from_hf_dict(manifest["config"])
     per_fn = {f: d["weight_bytes"] for f, d in manifest["functions"].items()}
     attn = sum(per_fn[f"attn_{layer}"] for layer in range(cfg.num_hidden_layers))

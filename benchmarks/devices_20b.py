@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ossedge.benchmarks.bench_child import child_result, command
 from ossedge.benchmarks.limits import app_like, evict, memory_cgroup, parse_size
+from ossedge.runtime.config import config_from_hf_dict
 
 GB = 1e9
 
@@ -64,7 +65,6 @@ def main() -> None:
     p.add_argument("--gen", type=int, default=32)
     a = p.parse_args()
 
-    from ossedge.runtime.config import config_from_hf_dict
     from ossedge.targets.executorch.memory import executorch_footprint
 
     art = Path(a.artifact)

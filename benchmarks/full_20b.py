@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ossedge.benchmarks.peer import llama_cpp_available
+
 
 def ossedge(*args: str) -> None:
     cmd = [sys.executable, "-m", "ossedge", *args]
@@ -49,7 +51,6 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     common = ["--prompt-lengths", a.prompt_lengths, "--gen-tokens", a.gen_tokens,
               "--runs", a.runs, "--warmup", "1", "--force"]
-    from ossedge.benchmarks.peer import llama_cpp_available
 
     peer = [] if a.no_peer or not llama_cpp_available() else [
         "--peer", "llama.cpp", "--peer-gguf", str(out / "gpt-oss-20b.gguf")]

@@ -28,6 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+from ossedge.runtime.tokenizer import Tokenizer
 
 ARCH = "gpt-oss"
 # llama.cpp recognizes the o200k pre-tokenizer regex as "gpt-4o" (llama-vocab.cpp).
@@ -208,8 +211,6 @@ def _find_file(root: Path, name: str) -> Path | None:
 def _add_tokenizer(w, root: Path, vocab_size: int) -> None:
     import gguf
 
-    from ossedge.runtime.tokenizer import Tokenizer
-
     path = _find_file(root, "tokenizer.json")
     if path is None:
         raise FileNotFoundError(f"{root}: tokenizer.json not found beside the checkpoint")
@@ -285,7 +286,6 @@ def write_gguf(ckpt_path, out_path, *, recipe: str = "mobile", progress: bool = 
     one tensor at a time (memory stays about one source tensor); `out_path` appears only once
     complete."""
     import gguf
-    from tqdm import tqdm
 
     from ossedge.targets.source import weight_source
 

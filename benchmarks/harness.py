@@ -6,17 +6,26 @@ every raw timing (schema `ossedge-bench/1`, checked by `validate`)."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import sys
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from ossedge.benchmarks.roofline import roofline
+import numpy as np
+from tqdm import tqdm
+
+from ossedge.benchmarks.limits import parse_size
+from ossedge.benchmarks.peer import INSTALL_HINT, llama_cpp_available
+from ossedge.benchmarks.roofline import bandwidth_gbs, decode_bytes, roofline
+from ossedge.benchmarks.transports import open_transport
 from ossedge.runtime.atomic import sha256_file
 from ossedge.runtime.errors import BenchError
-from ossedge.targets import DEFAULT_TARGET, TARGETS, target_for_format
+from ossedge.runtime.expert_cache import CacheOptionError, parse_option
+from ossedge.targets import DEFAULT_TARGET, TARGETS, artifact_format, target_for_format
 
 SCHEMA = "ossedge-bench/1"
 DEFAULT_PROMPT_LENGTHS = (128, 512, 2048)
@@ -40,15 +49,11 @@ def _owners(option: str) -> str:
 
 def native_runner() -> Path:
     """The C++ runner built by `make install`."""
-    import ossedge.benchmarks as pkg
-
-    return Path(pkg.__file__).parent / "runner" / "bin" / "ossedge_runner"
+    return Path(__file__).parent / "runner" / "bin" / "ossedge_runner"
 
 
 def describe_model(path: Path, backend: str) -> dict[str, Any]:
     """What is benchmarked: format, recipe, context and the manifest's sha256."""
-    from ossedge.targets import artifact_format
-
     kind = artifact_format(path)
     want = None if backend == "reference" else backend
     if kind != want:
@@ -80,8 +85,6 @@ def describe_model(path: Path, backend: str) -> dict[str, Any]:
 
 
 def versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
     out: dict[str, str | None] = {"python": platform.python_version()}
     for pkg in ("ossedge", "torch", "executorch", "coremltools", "llama_cpp_python"):
         try:
@@ -103,8 +106,6 @@ def stats(values: list[float]) -> dict[str, float]:
 def prompt_ids(n: int, vocab: int, seed: int) -> list[int]:
     """The benchmark prompt: n seeded random ids below the special tokens (the same for every
     runner, so their greedy outputs can be compared)."""
-    import numpy as np
-
     return np.random.default_rng(seed).integers(0, max(2, vocab - 1100), n).tolist()
 
 
@@ -148,9 +149,6 @@ def run_bench(
     routing_pool: int | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    from ossedge.benchmarks.limits import parse_size
-    from ossedge.benchmarks.transports import open_transport
-
     model = Path(model)
     if backend not in BACKENDS:
         raise BenchError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -170,7 +168,6 @@ def run_bench(
     if weights != "mmap" and runner != "native":
         raise BenchError(f"--weights {weights} is a native runner mode (--backend executorch "
                          "--runner native); the other runners map the weights")
-    from ossedge.runtime.expert_cache import CacheOptionError, parse_option
 
     try:
         parse_option(expert_cache)
@@ -245,8 +242,6 @@ def run_bench(
 def _with_bandwidth(device: str, run):
     """run()'s value and the machine's read bandwidth (GB/s) read just before and just after it:
     the machine's, so for local runs only (a phone's is not read over adb)."""
-    from ossedge.benchmarks.roofline import bandwidth_gbs
-
     if device != "local":
         return run(), []
     before = bandwidth_gbs()
@@ -257,8 +252,6 @@ def _with_bandwidth(device: str, run):
 def _bytes_per_token(model: Path, info: dict[str, Any]) -> int | None:
     """Weight bytes a decoded token reads in this artifact (its memory model); None for a
     checkpoint (the reference runtime computes in bf16/fp32 from whatever it stores)."""
-    from ossedge.benchmarks.roofline import decode_bytes
-
     if target_for_format(info["format"]) is None:
         return None  # a checkpoint
     return decode_bytes(json.loads((model / "manifest.json").read_text()))
@@ -267,8 +260,6 @@ def _bytes_per_token(model: Path, info: dict[str, Any]) -> int | None:
 def measure(transport, argv_for, prompt_lengths, *, evict: list[Path], memory_limit: str | None,
             what: str, progress: bool = False) -> list[dict[str, Any]]:
     """Run one process per prompt length (`argv_for(n)`) on the transport; their summaries."""
-    from tqdm import tqdm
-
     results = []
     for n in tqdm(prompt_lengths, desc="bench", unit="prompt", disable=not progress):
         if memory_limit is not None:
@@ -292,12 +283,6 @@ def run_peer(ours: dict[str, Any], *, gguf: str | Path, progress: bool = False) 
     — written as a GGUF from the artifact's source checkpoint with its recipe (MXFP4 experts and
     int4 linears repacked losslessly) unless `gguf` exists — with the same prompts, token counts,
     runs, threads and memory limit. Returns a result in the same schema (backend `llama.cpp`)."""
-    import os
-
-    from ossedge.benchmarks.limits import parse_size
-    from ossedge.benchmarks.peer import INSTALL_HINT, llama_cpp_available
-    from ossedge.benchmarks.transports import open_transport
-
     if not llama_cpp_available():
         raise BenchError(INSTALL_HINT)
     if ours["backend"] != "executorch" or ours["device"]["transport"] != "local":

@@ -23,6 +23,9 @@ from pathlib import Path
 
 import torch
 
+from ossedge.runtime.errors import KernelError
+from ossedge.targets.devices import measure_bandwidth
+
 E, H, I, K = 32, 2880, 2880, 4
 LIMIT, ALPHA = 7.0, 1.702
 
@@ -104,9 +107,8 @@ def _program(layer: Layer):
 def main() -> None:
     from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
-    from ossedge.runtime.errors import KernelError
-    from ossedge.targets.executorch.library import load_kernels, set_kernel_isa
     from ossedge.targets.executorch import ops  # noqa: F401  (registers the operators)
+    from ossedge.targets.executorch.library import load_kernels, set_kernel_isa
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", default="1,128", help="token counts T, comma separated")
@@ -139,7 +141,6 @@ def main() -> None:
                 row[f"{isa}_{threads}t_ms"] = round(ms, 2)
                 row[f"{isa}_{threads}t_max_err_rel_to_max"] = float(f"{float(err):.2e}")
         result["runs"][f"T{n}"] = row
-    from ossedge.targets.devices import measure_bandwidth
 
     bw = measure_bandwidth(gb=1.0, threads=1) / 1e9
     result["read_bandwidth_gb_s"] = round(bw, 1)

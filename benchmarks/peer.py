@@ -20,6 +20,9 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
+from ossedge.benchmarks.rss import proc_status
 from ossedge.runtime.errors import BenchError
 
 INSTALL_HINT = "llama.cpp peer needs llama-cpp-python: pip install llama-cpp-python"
@@ -53,8 +56,6 @@ def load_llama(model: str, n_ctx: int, threads: int, *, logits_all: bool = False
 
 
 def _last_logits(llm):
-    import numpy as np
-
     ptr = llm._ctx.get_logits_ith(-1)
     return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
 
@@ -83,8 +84,6 @@ def one_run(llm, ids: list[int], gen: int) -> dict:
 
 
 def bench(model: str, ids: list[int], gen: int, runs: int, warmup: int, threads: int) -> dict:
-    from ossedge.benchmarks.rss import proc_status
-
     if not ids:
         raise BenchError("the llama.cpp peer needs a non-empty prompt")
     if gen < 1:

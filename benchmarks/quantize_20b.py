@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from ossedge.runtime.config import preset
+
 GB = 1e9
 
 
@@ -46,7 +48,6 @@ def main() -> None:
     p.add_argument("--smoke-gen", type=int, default=4)
     a = p.parse_args()
 
-    from ossedge.runtime.config import preset
     from ossedge.runtime.checkpoint import read_manifest
     from ossedge.runtime.quantized import recipe_bytes
 

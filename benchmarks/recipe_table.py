@@ -17,6 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ossedge.assets import default_model_dir
+from ossedge.quantize.recipes import RECIPES
+from ossedge.runtime.config import preset
+
 
 def _ossedge(*args: str) -> str:
     cmd = [sys.executable, "-m", "ossedge", *args]
@@ -24,9 +28,6 @@ def _ossedge(*args: str) -> str:
 
 
 def main() -> None:
-    from ossedge.assets import default_model_dir
-    from ossedge.quantize.recipes import RECIPES
-    from ossedge.runtime.config import preset
     from ossedge.runtime.evaluate import METRICS
     from ossedge.runtime.quantized import recipe_bytes
 

@@ -18,16 +18,17 @@ import sys
 import time
 from pathlib import Path
 
+from ossedge.benchmarks.bench_child import one_run
+from ossedge.benchmarks.harness import prompt_ids
+from ossedge.benchmarks.rss import children_peak_rss, proc_status
+
 GB = 1e9
 
 
 def _child(ckpt: str, dtype: str, prompt_len: int, gen: int) -> None:
     import torch
 
-    from ossedge.benchmarks.bench_child import one_run
-    from ossedge.benchmarks.harness import prompt_ids
-    from ossedge.benchmarks.rss import proc_status
-    from ossedge.runtime import load_model
+    from ossedge.runtime.model import load_model
 
     t0 = time.perf_counter()
     model = load_model(ckpt, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
@@ -68,8 +69,6 @@ def main() -> None:
     if a.child:
         _child(a.ckpt, a.dtype, a.prompt_tokens, a.gen_tokens)
         return
-
-    from ossedge.benchmarks.rss import children_peak_rss
 
     result: dict[str, object] = {"machine": platform.machine(), "python": platform.python_version()}
     ckpt = Path(a.ckpt)

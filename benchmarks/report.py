@@ -8,6 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ossedge.benchmarks.harness import BenchError, validate
+from ossedge.runtime.atomic import atomic_dir
+
 GB = 1e9
 
 
@@ -23,8 +26,6 @@ def label(d: dict[str, Any]) -> str:
 
 
 def load_results(paths: list[str | Path]) -> list[dict[str, Any]]:
-    from ossedge.benchmarks.harness import BenchError, validate
-
     out = []
     for p in map(Path, paths):
         try:
@@ -125,8 +126,6 @@ def _series(sets, key: str) -> dict[str, dict[str, list[float]]]:
 
 def write_report(paths: list[str | Path], out: str | Path, *, force: bool = False) -> Path:
     """Write DIR/report.md, the three PNGs and plots.json (atomically); return DIR."""
-    from ossedge.runtime.atomic import atomic_dir
-
     sets = load_results(paths)
     out = Path(out)
     decode, ttft = _series(sets, "decode_tok_s"), _series(sets, "ttft_s")

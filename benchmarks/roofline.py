@@ -6,16 +6,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from ossedge.runtime.config import config_from_hf_dict
+from ossedge.targets import target_for_format
+from ossedge.targets.devices import measure_bandwidth
+
 GB = 1e9
 
 
 def decode_bytes(manifest: dict) -> int:
     """Weight bytes one decoded token reads in an ExecuTorch, ONNX or Core ML artifact, from its
     manifest's config and recipe (the memory model's `decode_weight_bytes`; the KV cache aside)."""
-    from ossedge.runtime.config import config_from_hf_dict
     from ossedge.targets.memory import decode_weight_bytes
-
-    from ossedge.targets import target_for_format
 
     target = target_for_format(manifest["format"]).name
     return decode_weight_bytes(config_from_hf_dict(manifest["config"]), target,
@@ -24,8 +25,6 @@ def decode_bytes(manifest: dict) -> int:
 
 def bandwidth_gbs() -> float:
     """This machine's read bandwidth now, GB/s (every CPU reading 0.5 GB, best of 3)."""
-    from ossedge.targets.devices import measure_bandwidth
-
     return round(measure_bandwidth() / GB, 1)
 
 

@@ -21,13 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from ossedge.assets import default_model_dir
 from ossedge.benchmarks.recipe_table import _ossedge
 from ossedge.runtime.atomic import write_json
 
 
 def main() -> None:
-    from ossedge.assets import default_model_dir
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="Checkpoint [default: bundled tiny]")
     p.add_argument("--text", default=None, help="Evaluation text [default: packaged held-out]")

@@ -20,12 +20,12 @@ summary-skewed.json), one raw JSON per run and report.md with plots.
 """
 
 from __future__ import annotations
-from ossedge.runtime.atomic import write_json
 
 import argparse
 import json
 import mmap
 import os
+import platform
 import random
 import re
 import subprocess
@@ -34,6 +34,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import ossedge.targets as targets
+from ossedge.benchmarks.harness import native_runner, prompt_ids
+from ossedge.benchmarks.limits import evict
+from ossedge.benchmarks.transports import LocalTransport
+from ossedge.runtime.atomic import write_json
 
 GIB = 1 << 30
 
@@ -65,9 +71,6 @@ def disk_read_gbps(path: Path, *, extent: int, reads: int = 48, threads: int = 4
 
 
 def run_one(artifact: Path, mode: str, limit_gib: int | None, a, out: Path) -> dict[str, Any]:
-    from ossedge.benchmarks.harness import native_runner, prompt_ids
-    from ossedge.benchmarks.limits import evict
-    from ossedge.benchmarks.transports import LocalTransport
     from ossedge.targets.executorch.library import kernel_library
 
     manifest = json.loads((artifact / "manifest.json").read_text())
@@ -251,10 +254,6 @@ def main() -> None:
 
 def save(summary: dict[str, Any]) -> None:
     """targets/data/streaming.json: what `ossedge plan` sets beside its predictions."""
-    import platform
-
-    import ossedge.targets as targets
-
     keep = ("limit_gib", "mode", "decode_tok_s", "hit_rate", "read_bytes_per_token",
             "major_faults_per_token", "disk_read_gbps", "cache_disk_gbps",
             "ratio_to_unconstrained")  # fmt: skip

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from ossedge.benchmarks.limits import app_like, evict, memory_cgroup
 from ossedge.runtime.errors import OssedgeError
 
 REMOTE_ROOT = "/data/local/tmp/ossedge"
@@ -33,8 +34,6 @@ class LocalTransport:
 
     def run(self, argv: list[str], *, env: dict[str, str] | None = None,
             timeout: float | None = None) -> subprocess.CompletedProcess:
-        from ossedge.benchmarks.limits import app_like, memory_cgroup
-
         full_env = {**os.environ, **(env or {})}
         if self.memory_limit is None:
             return subprocess.run(argv, capture_output=True, text=True, env=full_env,
@@ -44,8 +43,6 @@ class LocalTransport:
                                   env=full_env, timeout=timeout, check=False)
 
     def evict(self, paths: list[Path]) -> None:
-        from ossedge.benchmarks.limits import evict
-
         evict(paths)
 
     def describe(self) -> dict:

@@ -22,7 +22,11 @@ import time
 from pathlib import Path
 
 import torch
+
+from ossedge.assets import default_model_dir
 from ossedge.runtime.atomic import write_json
+from ossedge.runtime.tokenizer import Tokenizer
+from ossedge.targets import open_artifact
 
 RECIPES = {"executorch": ("native", "mobile", "mobile-int8", "int4"),
            "onnx": ("native", "mobile", "mobile-int8", "int4"),
@@ -38,12 +42,10 @@ def old_rule(root: Path, reference: Path, tolerance: float) -> dict:
     """The rule before routing was matched: rel_err_p90 against the same-recipe reference routed
     on its own, linear layers' inputs in float."""
     from ossedge.convert import verify as v
-    from ossedge.targets import open_artifact
     from ossedge.runtime.checkpoint import open_checkpoint
     from ossedge.runtime.evaluate import default_text
     from ossedge.runtime.model import build_model
     from ossedge.runtime.quantized import QuantizedView
-    from ossedge.runtime.tokenizer import Tokenizer
 
     model = open_artifact(root, engine="interpreter")
     ckpt = open_checkpoint(reference)
@@ -59,7 +61,6 @@ def old_rule(root: Path, reference: Path, tolerance: float) -> dict:
 
 
 def main() -> None:
-    from ossedge.assets import default_model_dir
     from ossedge.convert.verify import verify_artifact
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

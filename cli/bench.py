@@ -7,8 +7,12 @@ from pathlib import Path
 
 import click
 
-from ossedge.benchmarks.harness import BACKENDS, RUNNERS
+from ossedge.benchmarks.harness import BACKENDS, RUNNERS, BenchError, run_bench, run_peer
+from ossedge.benchmarks.peer import INSTALL_HINT, llama_cpp_available
+from ossedge.benchmarks.report import write_report
 from ossedge.cli.common import routing_options
+from ossedge.runtime.atomic import write_json
+from ossedge.runtime.errors import OutputExistsError
 from ossedge.targets import DEFAULT_TARGET
 
 
@@ -81,16 +85,11 @@ def run(model, backend, runner, device, prompt_lengths, gen_tokens, runs, warmup
         peer_gguf, out, force) -> None:  # fmt: skip
     """Measure MODEL: load time, time to first token, prefill and decode tok/s (median and
     spread over --runs), peak RSS (heap and file-backed), per prompt length → OUTPUT (JSON)."""
-    from ossedge.benchmarks.harness import BenchError, run_bench, run_peer
-    from ossedge.runtime.errors import OutputExistsError
-
     peer_out = out.with_name(out.stem + ".llama-cpp.json")
     for path in [out] + ([peer_out] if peer else []):
         if path.exists() and not force:
             raise OutputExistsError(f"{path} already exists; pass --force to replace it")
     if peer:
-        from ossedge.benchmarks.peer import INSTALL_HINT, llama_cpp_available
-
         if not llama_cpp_available():
             raise BenchError(INSTALL_HINT)
     progress = sys.stderr.isatty()
@@ -106,8 +105,6 @@ def run(model, backend, runner, device, prompt_lengths, gen_tokens, runs, warmup
 
 
 def _write(out: Path, r: dict) -> None:
-    from ossedge.runtime.atomic import write_json
-
     write_json(out, r)
     for x in r["results"]:
         click.echo(
@@ -124,8 +121,6 @@ def _write(out: Path, r: dict) -> None:
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 def report(results, out, force) -> None:
     """Markdown report with tables and PNG plots from RESULTS.json files, into directory OUT."""
-    from ossedge.benchmarks.report import write_report
-
     path = write_report(list(results), out, force=force)
     click.echo(f"wrote {path}/report.md with decode_vs_context.png, ttft_vs_prompt.png, "
                "memory.png")

@@ -8,6 +8,11 @@ from pathlib import Path
 
 import click
 
+from ossedge.assets import default_model_dir
+from ossedge.runtime.expert_cache import CacheOptionError, parse_option
+from ossedge.runtime.tokenizer import Tokenizer
+from ossedge.targets import artifact_format, looks_like_artifact, open_artifact
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
@@ -34,14 +39,12 @@ def _model_path(ckpt: Path | None) -> Path:
     """CKPT, or the bundled trained tiny model when none is given."""
     if ckpt is not None:
         return ckpt
-    from ossedge.assets import default_model_dir
 
     return default_model_dir()
 
 
 def _tokenizer_dir(ckpt: Path) -> Path:
     from ossedge.runtime.checkpoint import detect_layout
-    from ossedge.targets import artifact_format
 
     if artifact_format(ckpt):
         return ckpt
@@ -54,9 +57,7 @@ def _load(ckpt: Path, dtype: str, *, verify: bool = False, expert_cache: str = "
           routing: tuple[int, int | None] = (0, None)):  # fmt: skip
     """(model, tokenizer) of a checkpoint, quantized checkpoint or artifact (ExecuTorch, or Core
     ML on macOS). `routing`: (--cache-aware-routing, --routing-pool) for ExecuTorch."""
-    from ossedge.runtime import load_model
-    from ossedge.runtime.tokenizer import Tokenizer
-    from ossedge.targets import looks_like_artifact, open_artifact
+    from ossedge.runtime.model import load_model
 
     keep, pool = routing
     if looks_like_artifact(ckpt):
@@ -64,8 +65,6 @@ def _load(ckpt: Path, dtype: str, *, verify: bool = False, expert_cache: str = "
                               cache_aware_routing=keep, routing_pool=pool)  # fmt: skip
         return model, Tokenizer.from_dir(ckpt)
     if keep or pool:
-        from ossedge.runtime.expert_cache import CacheOptionError
-
         raise CacheOptionError(f"--cache-aware-routing applies to ExecuTorch artifacts; {ckpt} "
                                "is a checkpoint")  # fmt: skip
     tokenizer = Tokenizer.from_dir(_tokenizer_dir(ckpt))
@@ -105,8 +104,6 @@ def routing_options(f):
 
 
 def _cache_option(value: str):
-    from ossedge.runtime.expert_cache import CacheOptionError, parse_option
-
     try:
         return parse_option(value)
     except CacheOptionError as e:

@@ -8,12 +8,12 @@ from pathlib import Path
 import click
 
 from ossedge.quantize.recipes import RECIPES
+from ossedge.runtime.errors import BudgetError
 from ossedge.targets import TARGETS
+from ossedge.targets.devices import device_names, get_device
 
 
 def _device_help() -> str:
-    from ossedge.targets.devices import device_names
-
     return "A device profile: " + ", ".join(device_names()) + "; or a JSON file with one profile."
 
 
@@ -92,8 +92,6 @@ def format_plan(device, label: str, cfg, options, streaming: dict | None,
 def plan(device_name, target, recipe, context, model, expert_profile, as_json) -> None:
     """What fits DEVICE: every target and recipe it runs, with predicted memory, the largest
     context that fits, and the decode speed ceiling. Exit 4 when nothing fits."""
-    from ossedge.runtime.errors import BudgetError
-    from ossedge.targets.devices import get_device
     from ossedge.targets.plan import artifact_settings, measured_streaming, model_config
     from ossedge.targets.plan import plan as make_plan
 

@@ -17,8 +17,8 @@ from ossedge.cli.common import (DTYPES, _load, _progress, _tokenizer_dir, expert
                                 read_text, routing_options)
 from ossedge.cli.run import chat, generate, profile_experts
 from ossedge.quantize.recipes import DEFAULT_RECIPE, RECIPES
+from ossedge.runtime import config
 from ossedge.targets import DEFAULT_TARGET, TARGETS
-
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -29,8 +29,6 @@ from ossedge.targets import DEFAULT_TARGET, TARGETS
 @click.version_option(__version__, prog_name="ossedge")
 def cli(debug: bool, strict_config: bool) -> None:
     """Quantize, export, size and benchmark gpt-oss-20b for 16 GB phones, tablets and laptops."""
-    from ossedge.runtime import config
-
     config.strict(strict_config)
 
 
@@ -102,10 +100,8 @@ def inspect(path: Path, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def quantize(ckpt: Path, out: Path, recipe: str, force: bool) -> None:
     """Write CKPT quantized with a recipe to OUT (safetensors + manifest.json), streaming."""
-    import time
-
-    from ossedge.runtime.quantized import quantize_checkpoint
     from ossedge.runtime.checkpoint import read_manifest
+    from ossedge.runtime.quantized import quantize_checkpoint
 
     start = time.perf_counter()
     path = quantize_checkpoint(ckpt, out, recipe=recipe, force=force, progress=_progress())
@@ -147,15 +143,11 @@ def eval_(model, reference, text, window, max_tokens, dtype, expert_cache, cache
     MODEL is a checkpoint, quantized checkpoint or artifact; an artifact is scored in one-token
     (decode) calls."""
     from ossedge.runtime.evaluate import describe, evaluate
-    from ossedge.targets import artifact_format
-    from ossedge.runtime.atomic import sha256_file
 
     body, label = read_text(text)
     tok_dirs = [_tokenizer_dir(p) for p in (model, reference)]
     files = [d / "tokenizer.json" for d in tok_dirs]
     if all(f.is_file() for f in files) and sha256_file(files[0]) != sha256_file(files[1]):
-        from ossedge.runtime.errors import TokenizerError
-
         raise TokenizerError(
             f"{files[0]} and {files[1]} differ: MODEL and --reference must share a tokenizer"
         )
@@ -163,8 +155,6 @@ def eval_(model, reference, text, window, max_tokens, dtype, expert_cache, cache
     mdl, _ = _load(model, dtype, verify=True, expert_cache=expert_cache,
                    routing=(cache_aware_routing, routing_pool))
     if mdl.config.vocab_size != ref.config.vocab_size:
-        from ossedge.runtime.errors import ConfigError
-
         raise ConfigError(
             f"{model} has vocab_size {mdl.config.vocab_size}, {reference} has "
             f"{ref.config.vocab_size}: they are not the same model family"
@@ -333,7 +323,6 @@ def convert(ckpt, out, target, recipe, deployment_target, chunk_mb, max_context,
 def _device_choice(ckpt, device_name, target, recipe, max_context, max_prefill, force):
     """The plan's choice of recipe and context for `convert --device` (BudgetError: exit 4)."""
     from ossedge.runtime.checkpoint import detect_layout
-    from ossedge.targets.devices import get_device
     from ossedge.targets.plan import choose, model_config
 
     device = get_device(device_name)
@@ -356,8 +345,6 @@ def _device_choice(ckpt, device_name, target, recipe, max_context, max_prefill, 
 
 def _record_plan(out: Path, manifest: dict, option, device_name: str) -> None:
     """Add the device plan to the artifact's manifest (written atomically)."""
-    from ossedge.runtime.atomic import write_json
-
     manifest["device_plan"] = {"device": device_name, **option.to_dict()}
     write_json(out / "manifest.json", manifest)
 
@@ -388,7 +375,6 @@ def verify(artifact, reference, tokens, tolerance, as_json) -> None:
 
     For a bundle (`ossedge bundle`): checks its contract version and every file's size and
     sha256; exit 1 naming the first file that is missing, truncated or altered."""
-    from ossedge.runtime.errors import ParityError
     from ossedge.convert.verify import failure, verify_artifact
     from ossedge.targets.bundle import is_bundle, verify_bundle
 
@@ -439,9 +425,15 @@ def verify(artifact, reference, tokens, tolerance, as_json) -> None:
         raise ParityError(f"{artifact}: {failure(r)}")
 
 
+import time
+
 from ossedge.cli.bench import bench  # noqa: E402  (commands in their own modules)
 from ossedge.cli.devices import bundle, plan  # noqa: E402
 from ossedge.cli.tokenizer import tokenizer  # noqa: E402
+from ossedge.runtime.atomic import sha256_file, write_json
+from ossedge.runtime.errors import ConfigError, OssedgeError, ParityError, TokenizerError
+from ossedge.targets import artifact_format
+from ossedge.targets.devices import get_device
 
 cli.add_command(generate)
 cli.add_command(chat)
@@ -460,8 +452,6 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: typed errors become one line and an exit code (tracebacks: --debug).
     `argv`: the arguments (default: the process's)."""
-    from ossedge.runtime.errors import OssedgeError
-
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     warnings.showwarning = _one_line_warning
     try:

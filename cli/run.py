@@ -9,6 +9,9 @@ import click
 
 from ossedge.cli.common import (DTYPES, _load, _model_path, _progress, _sampler,
                                 expert_cache_option, read_text, routing_options, with_sampling)
+from ossedge.runtime.atomic import write_json
+from ossedge.runtime.errors import OutputExistsError
+from ossedge.runtime.harmony import Message
 
 
 def _open_for_run(ckpt, dtype, sampling, expert_cache, routing):
@@ -32,7 +35,8 @@ def generate(ckpt, prompt, max_new_tokens, temperature, top_p, top_k, seed, dtyp
 
     CKPT is a checkpoint, quantized checkpoint or ExecuTorch artifact directory; without it, the
     bundled tiny trained model."""
-    from ossedge.runtime.generate import generate as run, stop_ids_for
+    from ossedge.runtime.generate import generate as run
+    from ossedge.runtime.generate import stop_ids_for
 
     ckpt, sampler, model, tok = _open_for_run(ckpt, dtype, (temperature, top_k, top_p, seed),
                                               expert_cache, (cache_aware_routing, routing_pool))
@@ -78,7 +82,6 @@ def chat(
     CKPT is a checkpoint, quantized checkpoint or ExecuTorch artifact directory; without it, the
     bundled tiny trained model."""
     from ossedge.runtime.generate import chat_turn
-    from ossedge.runtime.harmony import Message
 
     ckpt, sampler, model, tok = _open_for_run(ckpt, dtype, (temperature, top_k, top_p, seed),
                                               expert_cache, (cache_aware_routing, routing_pool))
@@ -135,9 +138,8 @@ def profile_experts(model, text, max_tokens, window, dtype, out, force) -> None:
     runtime, into PROFILE.json (for `convert --expert-profile` and `ossedge plan`).
 
     MODEL is a checkpoint or quantized checkpoint; without it, the bundled tiny trained model."""
-    from ossedge.runtime.atomic import write_json
-    from ossedge.runtime.errors import OutputExistsError
-    from ossedge.runtime.profile import make_profile, profile_experts as run
+    from ossedge.runtime.profile import make_profile
+    from ossedge.runtime.profile import profile_experts as run
 
     model = _model_path(model)
     if out.exists() and not force:

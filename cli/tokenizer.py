@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from ossedge.runtime.tokenizer_o200k import O200K_VOCAB_SIZE, write_o200k_harmony
+
 
 @click.group()
 def tokenizer() -> None:
@@ -23,8 +25,6 @@ def o200k(out: Path, force: bool) -> None:
     o200k_base's byte-level BPE with the harmony special tokens at ids 199998..201087, as the
     released checkpoint ships it, built offline from the vocabulary of the `tokenizer` extra
     (quicktok-v1)."""
-    from ossedge.runtime.tokenizer_o200k import O200K_VOCAB_SIZE, write_o200k_harmony
-
     start = time.perf_counter()
     path = write_o200k_harmony(out, force=force)
     click.echo(f"wrote o200k_harmony ({O200K_VOCAB_SIZE} ids) to {path} in "

@@ -5,6 +5,7 @@ token first. Reported: perplexity of both, mean / median / p99 / max KL, top-1 a
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from importlib import resources
@@ -13,8 +14,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from ossedge.runtime.checkpoint import detect_layout, read_manifest
 from tqdm import tqdm
+
+from ossedge.runtime.checkpoint import detect_layout, read_manifest
 
 DEFAULT_TEXT_RESOURCE = "data/eval.txt"
 DEFAULT_WINDOW = 256
@@ -129,8 +131,6 @@ def describe(path: str | Path, artifact: str | None = None) -> dict[str, Any]:
     the target name when `path` is an artifact (its manifest gives the recipe)."""
 
     if artifact:
-        import json
-
         recipe = json.loads((Path(path) / "manifest.json").read_text()).get("recipe")
         return {"path": str(path), "layout": f"{artifact} artifact", "recipe": recipe}
     root, layout = detect_layout(path)

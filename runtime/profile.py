@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
+
 from ossedge.runtime.errors import OssedgeError
 from ossedge.runtime.model import Experts, linear
 
@@ -31,8 +33,6 @@ def profile_experts(model, ids: list[int], *, window: int = 256, progress: bool 
                     ) -> list[list[int]]:  # fmt: skip
     """Selection counts [L][E] of the reference `model` over token `ids`, fed in windows of
     `window` tokens (each from its own start)."""
-    from tqdm import tqdm
-
     cfg = model.config
     counts = torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts, dtype=torch.long)
     hooks = []

@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 import tokenizers
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
 from ossedge.runtime.errors import TokenizerError
 
@@ -306,8 +307,6 @@ def train_bpe_tokenizer(
     pre-tokenizer regex, the harmony special tokens at the end (`special_layout(vocab_size,
     count=special_count)`), and `<unused_ID>` placeholders for ordinary ids the texts cannot fill.
     Deterministic for the same texts in the same order."""
-    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
-
     specials = special_layout(vocab_size, count=special_count)
     base = min(specials)
     tok = tokenizers.Tokenizer(models.BPE())

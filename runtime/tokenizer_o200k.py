@@ -17,14 +17,12 @@ from importlib import resources
 from pathlib import Path
 
 import tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+
 from ossedge.runtime.atomic import atomic_dir, check_output
 from ossedge.runtime.errors import TokenizerError
-from ossedge.runtime.tokenizer import (
-    FULL_SPECIAL_COUNT,
-    SPLIT_PATTERN,
-    _byte_decoder,
-    special_layout,
-)
+from ossedge.runtime.tokenizer import (FULL_SPECIAL_COUNT, SPLIT_PATTERN, _byte_decoder,
+                                       special_layout)
 
 O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
 O200K_BASE_SIZE = 199998  # ordinary tokens (ranks 0..199997)
@@ -119,8 +117,6 @@ def vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tupl
 
 def build_o200k_harmony() -> tokenizers.Tokenizer:
     """o200k_harmony as gpt-oss ships it in tokenizer.json (201088 ids); needs quicktok-v1."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
-
     vocab, merges = vocab_and_merges(o200k_ranks())
     # ignore_merges: a pre-token that is itself a token is taken whole, as tiktoken does
     tok = tokenizers.Tokenizer(models.BPE(vocab, merges, fuse_unk=False, ignore_merges=True))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,9 +123,6 @@ def manifest_format(path: str | Path) -> str | None:
 def quiet_imports() -> None:
     """Silence import-time chatter of torchao and torch (GPU libraries this CPU build cannot
     load, deprecation notes) and export-time warnings that are not the user's business."""
-    import logging
-    import warnings
-
     logging.getLogger("torchao").setLevel(logging.ERROR)
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)

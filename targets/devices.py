@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ossedge.runtime.errors import OssedgeError
 
@@ -207,11 +211,6 @@ def measure_bandwidth(gb: float = 0.5, runs: int = 3, threads: int | None = None
     CPU, as a decoding runtime reads) each sum their share of an in-memory buffer as rows of 4096
     floats added element-wise, which numpy vectorizes, so memory and not the adder sets the
     pace."""
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-
-    import numpy as np
-
     threads = threads or os.cpu_count() or 1
     a = np.ones(int(gb * GB) // 4 // 4096 * 4096, dtype=np.float32).reshape(-1, 4096)
     parts = np.array_split(a, threads)

@@ -1,7 +1,8 @@
 """The package's layering, checked on its source: `quantize ← runtime ← targets ← convert ←
 (benchmarks, cli)`, where the command line may also use the benchmarks and nothing imports the
 command line; and no import cycle between modules, function-local imports included (a lazy import
-still ties two modules together)."""
+still ties two modules together); and a module imports inside a function only what loads a heavy
+package (torch, the backends), so the command line starts without them."""
 
 from __future__ import annotations
 
@@ -116,3 +117,94 @@ def test_the_cycle_finder_finds_cycles(graph, cycle) -> None:
 def test_the_layer_check_sees_a_wrong_import() -> None:
     assert _layer("ossedge.targets.plan") > _layer("ossedge.runtime.model")
     assert _layer("ossedge.cli.main") > _layer("ossedge.benchmarks.harness")
+
+
+# Third-party packages that take a noticeable time or memory to import: the only ones a module may
+# import inside a function (STYLE.md's habit 8), directly or through an ossedge module that loads
+# one at its top.
+HEAVY = {"torch", "torchao", "executorch", "coremltools", "onnx", "onnxruntime",
+         "onnxruntime_genai", "transformers", "matplotlib", "gguf", "llama_cpp", "openai_harmony",
+         "quicktok", "safetensors.torch"}  # fmt: skip
+
+
+def _is_heavy(package: str) -> bool:
+    parts = package.split(".")
+    return any(".".join(parts[:i]) in HEAVY for i in range(1, len(parts) + 1))
+
+
+def _top_level(path: Path) -> tuple[set[str], set[str]]:
+    """(ossedge modules, other top-level packages) imported by `path` outside its functions."""
+    ours, others = set(), set()
+    todo = list(ast.parse(path.read_text()).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        if isinstance(node, ast.ClassDef):
+            todo.extend(n for n in node.body if not isinstance(n, ast.FunctionDef))
+            continue
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        else:
+            todo.extend(ast.iter_child_nodes(node))
+            continue
+        for n in names:
+            (ours if n.startswith("ossedge") else others).add(n)
+    return ours, others
+
+
+def _loads_heavy(modules: dict[str, Path]) -> dict[str, bool]:
+    """Module → whether importing it loads a heavy package (through its top-level imports)."""
+    top = {m: _top_level(f) for m, f in modules.items()}
+    memo: dict[str, bool] = {}
+
+    def heavy(m: str, seen: frozenset = frozenset()) -> bool:
+        if m not in memo:
+            ours, others = top[m]
+            parents = {".".join(m.split(".")[:i]) for i in range(1, m.count(".") + 1)}
+            memo[m] = any(map(_is_heavy, others)) or any(
+                heavy(o, seen | {m}) for o in (ours | parents) & modules.keys() - seen - {m})
+        return memo[m]
+
+    return {m: heavy(m) for m in modules}
+
+
+def _local_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of each import inside a function of `path`."""
+    out = []
+    for fn in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Import):
+                out += [(node.lineno, a.name) for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                sub = [f"{node.module}.{a.name}" for a in node.names]
+                out += [(node.lineno, s) for s in sub] or [(node.lineno, node.module)]
+    return out
+
+
+def test_function_local_imports_are_of_heavy_modules_only() -> None:
+    """A file's head shows what it depends on: a function-local import is kept only for a module
+    that loads a heavy backend, so that `ossedge --help` and light commands stay fast."""
+    modules = _modules()
+    heavy = _loads_heavy(modules)
+    wrong = []
+    for m, f in modules.items():
+        for line, name in _local_imports(f):
+            target = name if name in modules else name.rsplit(".", 1)[0]
+            if target in modules:
+                ok = heavy[target]
+            else:
+                ok = _is_heavy(name)
+            if not ok:
+                wrong.append(f"{f.relative_to(ROOT)}:{line} imports {name} inside a function")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_importing_the_command_line_loads_no_heavy_package() -> None:
+    heavy = _loads_heavy(_modules())
+    assert not heavy["ossedge.cli.main"]
+    assert heavy["ossedge.runtime.model"] and heavy["ossedge.targets.plan"]

@@ -20,8 +20,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
+from tqdm import tqdm
+
 from ossedge.quantize.qtensor import QTensor
 from ossedge.runtime.errors import OssedgeError
 from ossedge.targets.coreml import builder as mil
@@ -137,8 +140,6 @@ def build_function(source, f: Function, context: int, opset, cache: dict) -> Cal
 
 def write_package(functions: list, path: Path, opset) -> None:
     """Convert MIL functions [(name, fn)] into one multifunction .mlpackage at `path`."""
-    from unittest import mock
-
     import coremltools as ct
     from coremltools.converters.mil.mil import Program
     from coremltools.converters.mil.mil.passes import pass_pipeline
@@ -225,8 +226,6 @@ def prepare(job) -> int:
 def write(job, tmp: Path) -> dict[str, Any]:
     """The chunked .mlpackages and embedding.safetensors into `tmp` (stages packages, embedding);
     the manifest's Core ML part (functions, call order)."""
-    from tqdm import tqdm
-
     source, cfg, o = job.source, job.config, job.options
     inexact = check_expert_scales(source)
     opset = opset_for(o["deployment_target"])

@@ -11,13 +11,16 @@ never a silent skip.
 
 from __future__ import annotations
 
+import logging
 import struct
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from ossedge.runtime.errors import OssedgeError
 from ossedge.targets.base import quiet_imports
 
@@ -62,9 +65,6 @@ _CAST = {"fp16": np.float16, "fp32": np.float32, "int32": np.int32, "int8": np.i
 def quiet_coremltools() -> None:
     """coremltools logs at import about optional frameworks (sklearn, the torch version, the
     macOS-only runtime); none matter here. Silence them once, before the first import."""
-    import logging
-    import warnings
-
     quiet_imports()
     logging.getLogger("coremltools").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="coremltools")

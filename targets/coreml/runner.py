@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+
 from ossedge.quantize.qtensor import QTensor
 from ossedge.runtime.config import config_from_hf_dict
 from ossedge.runtime.routing import Routing, concat_calls
@@ -82,8 +84,6 @@ class CoreMLModel:
     prediction call per function, as the artifact's functions take one token)."""
 
     def __init__(self, root: str | Path, *, engine: str = "auto", checksums: bool = False) -> None:
-        from safetensors import safe_open
-
         self.root = Path(root)
         self.manifest = TARGET.read_manifest(self.root, checksums=checksums)
         if engine not in ENGINES:

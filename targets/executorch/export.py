@@ -16,20 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from tqdm import tqdm
+
 from ossedge.quantize.qtensor import INT4_GROUP, QTensor
 from ossedge.runtime.errors import OssedgeError
 from ossedge.runtime.profile import ProfileError, check_profile
 from ossedge.runtime.tokenizer import generation_ids
 from ossedge.targets.base import quiet_imports
 from ossedge.targets.executorch import CONTRACT_VERSION, ptd
-from ossedge.targets.executorch.model import (
-    PACKED_BUFFER,
-    ExportableGptOss,
-    expert_constants,
-    packed_layer,
-)
+from ossedge.targets.executorch.model import (PACKED_BUFFER, ExportableGptOss, expert_constants,
+                                              packed_layer)
 from ossedge.targets.memory import kv_cache_bytes
-from torch import nn
 
 # 2: one packed uint8 tensor per layer holding each expert as one extent (pack.py), read by
 # ossedge::moe_*_packed; version-1 artifacts (four stacked tensors per layer) still run.
@@ -47,11 +45,9 @@ def xnnpack_linear(w: torch.Tensor | QTensor, b: torch.Tensor | None) -> nn.Modu
     the pattern XNNPACK lowers to QB4W / QC8W kernels. Float weights stay float32."""
     quiet_imports()
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
-        IntxUnpackedToInt8Tensor,
-    )
+                                                                                            IntxUnpackedToInt8Tensor)
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
-        IntxUnpackedToInt8TensorActivationQuantization as ActQuant,
-    )
+                                                                                            IntxUnpackedToInt8TensorActivationQuantization as ActQuant)
 
     if not isinstance(w, QTensor):
         lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
@@ -108,14 +104,10 @@ def export_program(
     """torch.export → XNNPACK lowering → ExecutorchProgramManager (every constant external)."""
     quiet_imports()
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import (
-        EdgeCompileConfig,
-        ExecutorchBackendConfig,
-        to_edge_transform_and_lower,
-    )
+    from executorch.exir import (EdgeCompileConfig, ExecutorchBackendConfig,
+                                 to_edge_transform_and_lower)
     from executorch.exir.passes.external_constants_pass import (
-        delegate_external_constants_pass_unlifted,
-    )
+                                                                delegate_external_constants_pass_unlifted)
     from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 
     tokens = torch.zeros(1, min(2, model.max_prefill), dtype=torch.long)
@@ -260,8 +252,6 @@ def write(job, tmp: Path) -> dict[str, Any]:
     manifest's ExecuTorch part. `job.options["profile"]` (ossedge.runtime.profile) is embedded in
     the manifest and in the packed experts' headers, for the expert cache's pinning;
     `lookahead` runs the MoE ops that hand the expert cache the next layer's likely experts."""
-    from tqdm import tqdm
-
     o = job.options
     contract, profile, lookahead = o["contract"], o["profile"], o["lookahead"]
     bar = tqdm(total=5, desc="convert", unit="stage", disable=not job.progress)

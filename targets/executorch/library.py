@@ -78,9 +78,7 @@ def kernel_library() -> Path:
     given = os.environ.get(ENV_VAR)
     if given:
         return Path(given)
-    import ossedge.targets.executorch as target
-
-    return Path(target.__file__).parent / "lib" / LIBRARY
+    return Path(__file__).parent / "lib" / LIBRARY
 
 
 @cache

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
 from ossedge.quantize.mxfp4 import FP4_VALUES
 from ossedge.quantize.qtensor import QTensor
 from ossedge.runtime.atomic import write_json
@@ -175,7 +177,6 @@ def build_graph(source, out: Path, max_context: int, progress: bool) -> dict[str
     """Write model.onnx and model.onnx.data into `out`; returns facts for the manifest."""
     import onnx
     from onnx import TensorProto, helper
-    from tqdm import tqdm
 
     cfg = source.config
     kv, d, hq = cfg.num_key_value_heads, cfg.head_dim, cfg.num_attention_heads
