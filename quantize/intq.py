@@ -53,10 +53,13 @@ LINEAR_ACTIVATIONS = ("float", "int8-b32", "int8-asym-token")  # how a backend's
 def round_activations_int8_asym_token(v: torch.Tensor) -> torch.Tensor:
     """v float32 [..., K] rounded to int8 per row with a zero point and dequantized, as XNNPACK's
     dynamic int8 linears (QD8) do: the range [min(v, 0), max(v, 0)] spread over -128..127, the
-    zero point nudged to an integer, q = round(v · 255 / range) + zero point (half to even)."""
+    zero point nudged to an integer, q = round(v · 255 / range) + zero point (half to even).
+    A range so small (< ~7.5e-37) that 255 / range overflows is taken as none (scale 1, the row
+    rounds to zeros): there XNNPACK's own parameters are infinite and its result undefined."""
     lo = v.amin(-1, keepdim=True).clamp(max=0)
     hi = v.amax(-1, keepdim=True).clamp(min=0)
-    scale = torch.where(hi > lo, 255.0 / (hi - lo), torch.ones_like(hi))
+    scale = 255.0 / (hi - lo)
+    scale = torch.where((hi > lo) & scale.isfinite(), scale, torch.ones_like(hi))
     rmin, rmax = lo * scale, hi * scale
     zero = torch.where((rmin - 128) + (rmax + 127) > 0, -128 - rmin, 127 - rmax)
     zero = torch.round(zero.clamp(-128, 127))
