@@ -19,31 +19,13 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from ossedge.benchmarks.quantize_20b import _run_measured
-from ossedge.benchmarks.rss import proc_status
+from ossedge.benchmarks import structure
+from ossedge.benchmarks.rss import run_measured
 from ossedge.runtime.config import config_from_hf_dict
 
 GB = 1e9
-
-def structure(root: str, ckpt: str) -> dict:
-    """The structure check of the artifact against the checkpoint with its recipe, timed, with
-    this process's peak RSS (run in a child process of its own: `--structure-child`)."""
-    from ossedge.runtime.checkpoint import open_checkpoint
-    from ossedge.runtime.quantized import QuantizedView
-    from ossedge.targets.coreml.checks import check_structure
-    from ossedge.targets.coreml.runner import CoreMLModel
-
-    t0 = time.perf_counter()
-    model = CoreMLModel(root, engine="interpreter", checksums=True)
-    r = check_structure(model, QuantizedView(open_checkpoint(ckpt), model.manifest["recipe"]))
-    r["seconds"] = round(time.perf_counter() - t0, 1)
-    r["peak_rss_gb"] = round(proc_status()["VmHWM"] / 1e9, 2)
-    return r
-
-
 
 def bytes_per_token(manifest: dict) -> dict[str, int]:
     """Weight bytes of the functions one token runs (as the manifest records them): the
@@ -70,11 +52,7 @@ def main() -> None:
     p.add_argument("--deployment-target", default="ios26", choices=["ios26", "ios18"])
     p.add_argument("--skip-convert", action="store_true", help="Reuse an existing --out")
     p.add_argument("--no-structure", action="store_true", help="Skip the structural checks")
-    p.add_argument("--structure-child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.structure_child:
-        print(json.dumps(structure(a.out, a.ckpt)))
-        return
 
     ckpt, out = Path(a.ckpt), Path(a.out)
     if not ckpt.exists():
@@ -86,7 +64,7 @@ def main() -> None:
         cmd = [sys.executable, "-m", "ossedge", "convert", str(ckpt), "--target", "coreml",
                "--deployment-target", a.deployment_target, "-o", str(out), "--verify-tokens",
                "0", "--force"]
-        wall, peak = _run_measured(cmd)
+        wall, peak = run_measured(cmd)
         result["convert"] = {"seconds": round(wall, 1), "peak_rss_gb": round(peak / GB, 2)}
     manifest = json.loads((out / "manifest.json").read_text())
     result["recipe"] = manifest["recipe"]
@@ -97,14 +75,7 @@ def main() -> None:
     result["predictions_per_token"] = manifest["predictions_per_token"]
     result["bytes_per_token"] = bytes_per_token(manifest)
     if not a.no_structure:
-        t0 = time.perf_counter()
-        run = subprocess.run([sys.executable, "-m", "ossedge.benchmarks.coreml_20b",
-                              "--structure-child", "--out", str(out), "--ckpt", str(ckpt)],
-                             capture_output=True, text=True, check=False)  # fmt: skip
-        if run.returncode:
-            raise SystemExit(f"the structural check failed:\n{run.stderr[-3000:]}")
-        result["structure"] = json.loads(run.stdout.strip().splitlines()[-1])
-        result["structure"]["wall_s"] = round(time.perf_counter() - t0, 1)
+        result["structure"] = structure.in_child(str(out), str(ckpt))
     print(json.dumps(result, indent=2))
 
 

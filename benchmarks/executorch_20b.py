@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 
 from ossedge.benchmarks.bench_child import child_result, command
-from ossedge.benchmarks.quantize_20b import _run_measured
 from ossedge.benchmarks.roofline import decode_bytes
+from ossedge.benchmarks.rss import run_measured
 from ossedge.targets.devices import measure_bandwidth
 
 GB = 1e9
@@ -51,7 +51,7 @@ def main(target: str = "executorch", out: str = "out/20b-et", recipe: str = "mob
     if not a.skip_convert:
         cmd = [sys.executable, "-m", "ossedge", "convert", str(ckpt), "--target", target,
                "-o", str(out), "--recipe", a.recipe, "--verify-tokens", "0", "--force"]
-        wall, peak = _run_measured(cmd)
+        wall, peak = run_measured(cmd)
         result["convert"] = {"seconds": round(wall, 1), "peak_rss_gb": round(peak / GB, 2)}
     manifest = json.loads((out / "manifest.json").read_text())
     result["artifact_bytes"] = {k: v["bytes"] for k, v in manifest["files"].items()}

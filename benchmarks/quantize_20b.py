@@ -13,27 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+from ossedge.benchmarks.rss import run_measured
 from ossedge.runtime.config import preset
 
 GB = 1e9
-
-
-def _run_measured(cmd: list[str]) -> tuple[float, int]:
-    """(wall seconds, peak RSS in bytes) of a child process; raises if it fails."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
-    return time.perf_counter() - t0, usage.ru_maxrss * 1024
 
 
 def main() -> None:
@@ -69,7 +57,7 @@ def main() -> None:
             recipe,
             "--force",
         ]
-        seconds, peak = _run_measured(cmd)
+        seconds, peak = run_measured(cmd)
         m = read_manifest(out)
         smoke_cmd = [
             sys.executable,

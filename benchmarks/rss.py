@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import resource
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 
@@ -19,3 +23,15 @@ def proc_status() -> dict[str, int]:
 def children_peak_rss() -> int:
     """Largest peak RSS of any waited-for child process so far, in bytes."""
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+
+
+def run_measured(cmd: list[str]) -> tuple[float, int]:
+    """(wall seconds, peak RSS in bytes) of a child process; raises if it fails. What the child
+    prints goes to stderr, so that a benchmark's stdout holds only its own JSON."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=sys.stderr)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
+    return time.perf_counter() - t0, usage.ru_maxrss * 1024

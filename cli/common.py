@@ -55,8 +55,9 @@ def _tokenizer_dir(ckpt: Path) -> Path:
 
 def _load(ckpt: Path, dtype: str, *, verify: bool = False, expert_cache: str = "auto",
           routing: tuple[int, int | None] = (0, None)):  # fmt: skip
-    """(model, tokenizer) of a checkpoint, quantized checkpoint or artifact (ExecuTorch, or Core
-    ML on macOS). `routing`: (--cache-aware-routing, --routing-pool) for ExecuTorch."""
+    """(model, tokenizer) of a checkpoint, quantized checkpoint or artifact (ExecuTorch, ONNX,
+    Core AI, or Core ML on macOS). `routing`: (--cache-aware-routing, --routing-pool), ExecuTorch
+    only."""
     from ossedge.runtime.model import load_model
 
     keep, pool = routing

@@ -223,7 +223,7 @@ def eval_(model, reference, text, window, max_tokens, dtype, expert_cache, cache
 )
 @click.option(
     "--chunk-mb", type=click.IntRange(min=1), default=None,
-    help="coreml only: largest .mlpackage, in MB [default: 1024].",
+    help="coreml, coreai: largest .mlpackage or layer chunk, in MB [default: 1024].",
 )
 @click.option(
     "--max-context", type=click.IntRange(min=1), default=None,
@@ -267,7 +267,11 @@ def convert(ckpt, out, target, recipe, deployment_target, chunk_mb, max_context,
     here with ossedge's MIL interpreter; runs with Core ML on Apple devices.
 
     onnx: model.onnx (GroupQueryAttention, QMoE, MatMulNBits) + model.onnx.data (all weights) +
-    genai_config.json (onnxruntime-genai) + tokenizer.json + manifest.json."""
+    genai_config.json (onnxruntime-genai) + tokenizer.json + manifest.json.
+
+    coreai: layers_NN.aimodel (decode and prefill functions, KV caches as states, experts MXFP4
+    as stored) + head.aimodel + embedding.safetensors + tokenizer.json + manifest.json. Needs
+    `pip install 'ossedge[coreai]'`; verified and run here by coreai-core's runtime."""
     from ossedge.convert import pipeline
 
     t = TARGETS[target]

@@ -31,10 +31,10 @@ def _open_for_run(ckpt, dtype, sampling, expert_cache, routing):
 @routing_options
 def generate(ckpt, prompt, max_new_tokens, temperature, top_p, top_k, seed, dtype,
              expert_cache, cache_aware_routing, routing_pool) -> None:
-    """Continue PROMPT with the reference runtime, streaming the text to stdout.
+    """Continue PROMPT, streaming the text to stdout.
 
-    CKPT is a checkpoint, quantized checkpoint or ExecuTorch artifact directory; without it, the
-    bundled tiny trained model."""
+    CKPT is a checkpoint, quantized checkpoint or artifact directory (ExecuTorch, ONNX, Core AI;
+    Core ML on macOS), run by its own runtime; without it, the bundled tiny trained model."""
     from ossedge.runtime.generate import generate as run
     from ossedge.runtime.generate import stop_ids_for
 
@@ -79,8 +79,8 @@ def chat(
 ) -> None:
     """Chat in the harmony format. One user message per line; Ctrl-D or /exit ends.
 
-    CKPT is a checkpoint, quantized checkpoint or ExecuTorch artifact directory; without it, the
-    bundled tiny trained model."""
+    CKPT is a checkpoint, quantized checkpoint or artifact directory (ExecuTorch, ONNX, Core AI;
+    Core ML on macOS), run by its own runtime; without it, the bundled tiny trained model."""
     from ossedge.runtime.generate import chat_turn
 
     ckpt, sampler, model, tok = _open_for_run(ckpt, dtype, (temperature, top_k, top_p, seed),

@@ -29,7 +29,7 @@ class OutputExistsError(OssedgeError):
 
 
 class ArtifactError(OssedgeError):
-    """An artifact directory (ExecuTorch or Core ML) is incomplete, corrupt or inconsistent."""
+    """An artifact directory (of any target) is incomplete, corrupt or inconsistent."""
 
 
 class ParityError(OssedgeError):

@@ -36,6 +36,25 @@ def concat_calls(calls: list[list[Routing]]) -> list[Routing]:
             for n in range(len(calls[0]))]  # fmt: skip
 
 
+class CallTrace:
+    """The routing record of a runner whose programs return each call's routing: off until
+    `trace_routing()`; then one list (a Routing per layer) per call, joined by `routing_trace()`."""
+
+    _trace: list[list[Routing]] | None = None
+
+    def trace_routing(self, on: bool = True) -> None:
+        """Start (or stop) recording the experts the programs choose (emptied)."""
+        self._trace = [] if on else None
+
+    def routing_trace(self) -> list[Routing]:
+        """Per layer, the routing of every token run since `trace_routing()` (ids and weights)."""
+        return concat_calls(self._trace or [])
+
+    def _record(self, chosen: list[Routing]) -> None:
+        if self._trace is not None:
+            self._trace.append(chosen)
+
+
 def from_logits(logits: torch.Tensor, k: int) -> Routing:
     """The top-k routing of router logits [N, E] (softmax over the k), as QMoE and the reference
     do it (ties: the lower index first)."""

@@ -10,11 +10,12 @@ from pathlib import Path
 
 from ossedge.runtime.expert_cache import CacheOptionError
 from ossedge.targets.base import ArtifactModel, Target, manifest_format
+from ossedge.targets.coreai import TARGET as _COREAI
 from ossedge.targets.coreml import TARGET as _COREML
 from ossedge.targets.executorch import TARGET as _EXECUTORCH
 from ossedge.targets.onnx import TARGET as _ONNX
 
-TARGETS: dict[str, Target] = {t.name: t for t in (_EXECUTORCH, _COREML, _ONNX)}
+TARGETS: dict[str, Target] = {t.name: t for t in (_EXECUTORCH, _COREML, _ONNX, _COREAI)}
 DEFAULT_TARGET = "executorch"
 __all__ = ["TARGETS", "ArtifactModel", "Target", "artifact_format", "looks_like_artifact",
            "open_artifact", "target_for_format", "target_of"]
@@ -31,7 +32,7 @@ def target_of(path: str | Path) -> Target | None:
 
 
 def artifact_format(path: str | Path) -> str | None:
-    """The target name ("executorch", "coreml", "onnx") of an artifact directory, else None."""
+    """The target name ("executorch", "coreml", "onnx", "coreai") of an artifact directory, else None."""
     t = target_of(path)
     return t.name if t else None
 

@@ -3,17 +3,28 @@ manifest, checking a call, quiet backend imports."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
+import os
+import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from ossedge.runtime.atomic import sha256_file
 from ossedge.runtime.errors import ArtifactError, OssedgeError
+
+
+@dataclass
+class ArtifactConfig:
+    """What generation reads of an opened artifact's model config: its context and vocabulary."""
+
+    max_position_embeddings: int
+    vocab_size: int
 
 
 class ArtifactModel(Protocol):
@@ -26,7 +37,7 @@ class ArtifactModel(Protocol):
     manifest: dict
     max_context: int
     max_prefill: int
-    config: Any
+    config: ArtifactConfig
 
     def new_cache(self, *, batch_size: int = 1, max_context: int | None = None) -> Any: ...
 
@@ -118,6 +129,25 @@ def manifest_format(path: str | Path) -> str | None:
     except (OSError, ValueError, AttributeError):
         return None
     return fmt if isinstance(fmt, str) else None
+
+
+@contextlib.contextmanager
+def stderr_to(path: Path | int) -> Iterator[None]:
+    """Send the process's stderr (file descriptor 2, where native code logs) to `path`, or to the
+    open file descriptor `path`."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    if isinstance(path, int):
+        os.dup2(path, 2)
+    else:
+        with open(path, "wb") as f:
+            os.dup2(f.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def quiet_imports() -> None:

@@ -6,7 +6,7 @@
 # size. Core ML and ONNX: long enough for verify's 72 tokens to pass the window and wrap the ring.
 # A target without an entry gets its defaults.
 ARTIFACT_OPTIONS = {"executorch": {"max_context": 2048}, "coreml": {"max_context": 128},
-                    "onnx": {"max_context": 160}}  # fmt: skip
+                    "onnx": {"max_context": 160}, "coreai": {"max_context": 128}}  # fmt: skip
 VERIFY_TOKENS = 72
 # the artifact directories' names (a bundle lists its models by them)
 NAMES = {"executorch": "tiny-et"}

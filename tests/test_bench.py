@@ -15,6 +15,7 @@ from clitools import assert_one_line_error, invoke, run
 
 from ossedge.benchmarks.harness import run_bench, validate
 from ossedge.benchmarks.limits import LimitError, memory_cgroup
+from ossedge.benchmarks.rss import run_measured
 
 SHORT = dict(prompt_lengths=(16, 40), gen_tokens=6, runs=2, warmup=1)
 
@@ -185,3 +186,16 @@ def test_llama_cpp_peer_on_the_same_weights(pybindings: dict, tmp_path: Path) ->
     assert peer["settings"]["prompt_lengths"] == [16, 40]
     ours, theirs = _tokens(pybindings), _tokens(peer)
     assert [t[0] for t in theirs] == [t[0] for t in ours]  # same prompt, same weights
+
+
+def test_run_measured_keeps_stdout_for_the_benchmarks_json(capfd) -> None:
+    """The 20b benchmarks time their children with run_measured: wall time and the child's peak
+    RSS; the child's output goes to stderr, so the benchmark's stdout parses as one JSON object;
+    a failing child stops the benchmark naming the command."""
+    grow = "b = bytearray(64 << 20); print('child says hi')"
+    wall, peak = run_measured([sys.executable, "-c", grow])
+    out, err = capfd.readouterr()
+    assert out == "" and "child says hi" in err
+    assert wall > 0 and peak > 64 << 20
+    with pytest.raises(SystemExit, match="failed with exit code 3"):
+        run_measured([sys.executable, "-c", "raise SystemExit(3)"])

@@ -124,7 +124,7 @@ def test_the_layer_check_sees_a_wrong_import() -> None:
 # one at its top.
 HEAVY = {"torch", "torchao", "executorch", "coremltools", "onnx", "onnxruntime",
          "onnxruntime_genai", "transformers", "matplotlib", "gguf", "llama_cpp", "openai_harmony",
-         "quicktok", "safetensors.torch"}  # fmt: skip
+         "quicktok", "safetensors.torch", "coreai", "coreai_torch"}  # fmt: skip
 
 
 def _is_heavy(package: str) -> bool:

@@ -15,6 +15,7 @@ from clitools import assert_one_line_error, run
 from shared_artifacts import VERIFY_TOKENS
 
 from ossedge.assets import default_model_dir
+from ossedge.benchmarks import structure
 from ossedge.targets import TARGETS, artifact_format, open_artifact, target_of
 
 NAMES = list(TARGETS)
@@ -102,12 +103,18 @@ def test_a_truncated_file_is_named(artifact: Path, tmp_path: Path) -> None:
     assert_one_line_error(_verify(broken), name, "truncated")
 
 
-def test_a_tampered_file_is_caught_by_its_checksum(artifact: Path, tmp_path: Path) -> None:
+def _tampered(artifact: Path, tmp_path: Path) -> tuple[Path, str]:
+    """A copy of the artifact with one byte of its largest file flipped, and that file's name."""
     broken = _copy(artifact, tmp_path)
     name = _largest(json.loads((broken / "manifest.json").read_text()))
     raw = bytearray((broken / name).read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     (broken / name).write_bytes(bytes(raw))
+    return broken, name
+
+
+def test_a_tampered_file_is_caught_by_its_checksum(artifact: Path, tmp_path: Path) -> None:
+    broken, name = _tampered(artifact, tmp_path)
     assert_one_line_error(_verify(broken), name, "sha256 differs")
 
 
@@ -127,3 +134,25 @@ def test_an_unreadable_manifest_is_refused(artifact: Path, tmp_path: Path) -> No
     broken = _copy(artifact, tmp_path)
     (broken / "manifest.json").write_text("{not json")
     assert_one_line_error(_verify(broken), "manifest.json")
+
+
+def test_the_benchmarks_structure_check(artifact: Path, target: str, tmp_path: Path) -> None:
+    """benchmarks/structure.py runs the target's structure check over the whole artifact, every
+    file hashed, in a child process with its own time and peak RSS; a tampered file fails it in
+    one line naming the file, and a target without a check or a directory that is no artifact is
+    refused."""
+    ckpt = str(default_model_dir())
+    with pytest.raises(SystemExit, match="not an artifact of a target with a structure check"):
+        structure.check(str(tmp_path), ckpt)
+    if TARGETS[target].hook("check_structure") is None:
+        with pytest.raises(SystemExit, match="not an artifact of a target with a structure check"):
+            structure.check(str(artifact), ckpt)
+        return
+    r = structure.in_child(str(artifact), ckpt)
+    assert r["ok"] and r["problems"] == []
+    assert r["wall_s"] >= r["seconds"] >= 0 and r["peak_rss_gb"] > 0
+    broken, name = _tampered(artifact, tmp_path)
+    with pytest.raises(SystemExit) as e:
+        structure.in_child(str(broken), ckpt)
+    assert "the structure check failed" in str(e.value) and "sha256 differs" in str(e.value)
+    assert name in str(e.value) and "Traceback" not in str(e.value)

@@ -30,8 +30,9 @@ from ossedge.runtime.errors import OssedgeError
 from ossedge.targets.coreml import builder as mil
 from ossedge.targets.coreml.builder import EXACT_FP16_SCALES
 from ossedge.targets.coreml.interpreter import MilPackage, quiet_coremltools
+from ossedge.targets.embedding import EMBEDDING, write_embedding
 
-MANIFEST, TOKENIZER, EMBEDDING = "manifest.json", "tokenizer.json", "embedding.safetensors"
+MANIFEST, TOKENIZER = "manifest.json", "tokenizer.json"
 TARGETS = ("ios18", "ios26")
 DEFAULT_TARGET = "ios26"
 DEFAULT_RECIPE_FOR = {"ios26": "mobile", "ios18": "int4"}
@@ -159,21 +160,6 @@ def write_package(functions: list, path: Path, opset) -> None:
             skip_model_load=True,
         )
     model.save(str(path))
-
-
-def write_embedding(source, path: Path) -> dict[str, Any]:
-    """The embedding table as safetensors, in its recipe format (parts of a QTensor, or fp16)."""
-    from safetensors.torch import save_file
-
-    w = source.weight("model.embed_tokens.weight")
-    if isinstance(w, QTensor):
-        tensors = {f"embedding.{p}": t.contiguous() for p, t in w.parts.items()}
-        fmt = w.fmt
-    else:
-        tensors = {"embedding": w.to(torch.float16).contiguous()}
-        fmt = "fp16"
-    save_file(tensors, str(path))
-    return {"file": path.name, "format": fmt, "shape": list(w.shape)}
 
 
 def check_expert_scales(source) -> int:

@@ -12,19 +12,17 @@ finally `head`. Engines:
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
-from ossedge.quantize.qtensor import QTensor
 from ossedge.runtime.config import config_from_hf_dict
-from ossedge.runtime.routing import Routing, concat_calls
-from ossedge.targets.base import check_call
+from ossedge.runtime.routing import CallTrace, Routing
+from ossedge.targets.base import ArtifactConfig, check_call
 from ossedge.targets.coreml import TARGET, CoreMLArtifactError
 from ossedge.targets.coreml.interpreter import MilPackage
+from ossedge.targets.embedding import EmbeddingFile
 
 ENGINES = ("auto", "coreml", "interpreter")
 
@@ -63,12 +61,6 @@ class _CoreMLEngine:
         return {k: np.asarray(v) for k, v in out.items()}
 
 
-@dataclass
-class _Config:
-    max_position_embeddings: int
-    vocab_size: int
-
-
 class CoreMLCache:
     """Position and the per-layer states of one sequence."""
 
@@ -78,7 +70,7 @@ class CoreMLCache:
         self.states = [engine.new_state(f"attn_{layer}") for layer in range(layers)]
 
 
-class CoreMLModel:
+class CoreMLModel(CallTrace):
     """A Core ML artifact behind the reference runtime's contract: `cache = model.new_cache()`,
     `model(ids [1, T], cache=cache)` → logits [1, 1, V] of the last token (tokens are fed one
     prediction call per function, as the artifact's functions take one token)."""
@@ -104,24 +96,12 @@ class CoreMLModel:
         self.cfg = config_from_hf_dict(self.manifest["config"])
         self.max_context = int(self.manifest["max_context"])
         self.max_prefill = self.max_context
-        self.config = _Config(self.max_context, self.cfg.vocab_size)
-        emb = self.manifest["embedding"]
-        self._emb_file = safe_open(str(self.root / emb["file"]), "pt")
-        self._emb_fmt, self._emb_shape = emb["format"], tuple(emb["shape"])
-        self._trace: list[list[Routing]] | None = None
+        self.config = ArtifactConfig(self.max_context, self.cfg.vocab_size)
+        self._embedding = EmbeddingFile(self.root, self.manifest["embedding"])
 
     def embed(self, token: int) -> np.ndarray:
         """fp32 [1, H] embedding row of `token`."""
-
-        if not 0 <= token < self._emb_shape[0]:
-            raise ValueError(f"token id {token} outside the vocabulary of {self._emb_shape[0]}")
-        f = self._emb_file
-        if self._emb_fmt == "fp16":
-            row = f.get_slice("embedding")[token : token + 1].float()
-        else:
-            parts = {k.split(".", 1)[1]: f.get_slice(k)[token : token + 1] for k in f.keys()}
-            row = QTensor(self._emb_fmt, (1, self._emb_shape[1]), parts).dequantize(torch.float32)
-        return row.numpy().astype(np.float32).reshape(1, -1)
+        return self._embedding.row(token)
 
     def new_cache(self, *, batch_size: int = 1, max_context: int | None = None) -> CoreMLCache:
         if batch_size != 1:
@@ -146,17 +126,8 @@ class CoreMLModel:
                 h = h + np.float32(a["w"].reshape(-1)[j]) * y.astype(np.float32)
             x = h
         cache.position += 1
-        if self._trace is not None:
-            self._trace.append(chosen)
+        self._record(chosen)
         return self.engine.predict("head", {"h": x})["logits"].reshape(-1).astype(np.float32)
-
-    def trace_routing(self, on: bool = True) -> None:
-        """Start (or stop) recording the experts the attention functions choose (emptied)."""
-        self._trace = [] if on else None
-
-    def routing_trace(self) -> list[Routing]:
-        """Per layer, the routing of every token run since `trace_routing()` (ids and weights)."""
-        return concat_calls(self._trace or [])
 
     def __call__(
         self, input_ids: torch.Tensor, *, cache: CoreMLCache | None = None, last_only: bool = True

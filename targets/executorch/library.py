@@ -20,23 +20,6 @@ LIBRARY = "libossedge_kernels.so"
 
 
 @contextlib.contextmanager
-def _stderr_to(path: Path | int) -> Iterator[None]:
-    """Send the process's stderr (file descriptor 2, where native code logs) to `path`, or to the
-    open file descriptor `path`."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    if isinstance(path, int):
-        os.dup2(path, 2)
-    else:
-        with open(path, "wb") as f:
-            os.dup2(f.fileno(), 2)
-    try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-@contextlib.contextmanager
 def _no_memory_lock() -> Iterator[None]:
     """Without the memory-lock capability while inside (Linux): the pybindings load model.ptd with
     mlock, which, for a root process, would read and pin every expert the cache is there to keep

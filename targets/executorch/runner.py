@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from ossedge.runtime import expert_cache as cache_api
 from ossedge.runtime import routing
 from ossedge.runtime.config import config_from_hf_dict
 from ossedge.runtime.errors import ArtifactError
-from ossedge.targets.base import check_call, quiet_imports
+from ossedge.targets.base import ArtifactConfig, check_call, quiet_imports
+from ossedge.targets.base import stderr_to as _stderr_to
 from ossedge.targets.executorch import TARGET
-from ossedge.targets.executorch.library import _loaded, _no_memory_lock, _stderr_to, load_kernels
+from ossedge.targets.executorch.library import _loaded, _no_memory_lock, load_kernels
 from ossedge.targets.executorch.memory import executorch_footprint
 from ossedge.targets.executorch.ptd import read_index
 
@@ -35,12 +36,6 @@ class _Cursor:
     def __init__(self, limit: int) -> None:
         self.position = 0
         self.limit = limit
-
-
-@dataclass
-class _Config:
-    max_position_embeddings: int
-    vocab_size: int
 
 
 class ExecuTorchModel:
@@ -99,7 +94,7 @@ class ExecuTorchModel:
         m = self.manifest
         self.max_prefill = int(m["max_prefill"])
         self.max_context = int(m["max_context"])
-        self.config = _Config(self.max_context, int(m["methods"]["get_vocab_size"]))
+        self.config = ArtifactConfig(self.max_context, int(m["methods"]["get_vocab_size"]))
 
     def _open_cache(self, option: str | int) -> int:
         """Open (or close) the process's expert cache for this artifact; returns its budget."""

@@ -10,21 +10,15 @@ new keys in place (its shared-buffer mode) and nothing is copied between steps.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
 from ossedge.runtime.errors import ArtifactError
-from ossedge.runtime.routing import Routing, concat_calls, from_logits
-from ossedge.targets.base import check_call
+from ossedge.runtime.routing import CallTrace, from_logits
+from ossedge.targets.base import ArtifactConfig, check_call
 from ossedge.targets.onnx import PREFILL_CHUNK, TARGET
-
-
-@dataclass
-class _Config:
-    max_position_embeddings: int
-    vocab_size: int
 
 
 class OnnxCache:
@@ -36,7 +30,7 @@ class OnnxCache:
         self.limit = limit
 
 
-class OnnxModel:
+class OnnxModel(CallTrace):
     """An ONNX artifact in an ONNX Runtime CPU session. `threads`: intra-op threads (default: all
     cores). `prepack` (default: $OSSEDGE_ONNX_PREPACK=1, else off) lets ONNX Runtime repack the
     weights into its own heap at load: several times faster (6.5× decode on the tiny model) but
@@ -60,7 +54,6 @@ class OnnxModel:
             if not (prepack and k == "session.disable_prepacking"):
                 opts.add_session_config_entry(k, v)
         self._opts = opts
-        self._trace: list[list[Routing]] | None = None
         self._router_outputs: list[str] = []
         try:
             self.session = ort.InferenceSession(
@@ -77,19 +70,15 @@ class OnnxModel:
         self.kv_heads, self.head_dim = int(cfg["num_key_value_heads"]), int(cfg["head_dim"])
         self.max_context = int(m["max_context"])
         self.max_prefill = PREFILL_CHUNK
-        self.config = _Config(self.max_context, int(cfg["vocab_size"]))
+        self.config = ArtifactConfig(self.max_context, int(cfg["vocab_size"]))
 
     def trace_routing(self, on: bool = True) -> None:
         """Start (or stop) recording each layer's routing (emptied). The first start reloads the
-        graph with the QMoE nodes' router logits as extra outputs (the weights stay in place)."""
+        graph with the QMoE nodes' router logits as extra outputs (the weights stay in place); the
+        record is QMoE's top-k of the router logits it was given."""
         if on and not self._router_outputs:
             self._load_traced()
-        self._trace = [] if on else None
-
-    def routing_trace(self) -> list[Routing]:
-        """Per layer, the routing of every token run since `trace_routing()`: QMoE's top-k of the
-        router logits it was given."""
-        return concat_calls(self._trace or [])
+        super().trace_routing(on)
 
     def _load_traced(self) -> None:
         import onnx
@@ -139,8 +128,8 @@ class OnnxModel:
         out = b.copy_outputs_to_cpu()
         if self._trace is not None:
             k = int(self.manifest["config"]["num_experts_per_tok"])
-            self._trace.append([from_logits(torch.from_numpy(out[1 + n]), k)
-                                for n in range(len(self._router_outputs))])  # fmt: skip
+            self._record([from_logits(torch.from_numpy(out[1 + n]), k)
+                          for n in range(len(self._router_outputs))])  # fmt: skip
         return out[0][0]
 
     def __call__(
