@@ -79,10 +79,12 @@ def _keep(module: nn.Module, tensors: dict[str, Weight]) -> None:
 
 
 def yarn_inv_freq(cfg: GptOssConfig) -> torch.Tensor:
-    """[D/2] inverse frequencies: interpolated (÷factor) below the correction range, extrapolated
-    above it, linearly blended between; the range is floored/ceiled only when `truncate`."""
+    """[D/2] inverse frequencies (fp32): interpolated (÷factor) below the correction range,
+    extrapolated above it, linearly blended between; the range is floored/ceiled only when
+    `truncate`. Computed in fp64 and rounded once, so every machine gets the same bits (fp32 `pow`
+    differs in the last bit between torch's AVX2 and AVX-512 kernels)."""
     d, base, y = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling
-    pos_freqs = base ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    pos_freqs = base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
     extrapolation = 1.0 / pos_freqs
     interpolation = 1.0 / (y.factor * pos_freqs)
 
@@ -96,16 +98,30 @@ def yarn_inv_freq(cfg: GptOssConfig) -> torch.Tensor:
     low, high = max(low, 0), min(high, d - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
     extrapolation_weight = 1 - ramp
-    return interpolation * (1 - extrapolation_weight) + extrapolation * extrapolation_weight
+    blended = interpolation * (1 - extrapolation_weight) + extrapolation * extrapolation_weight
+    return blended.float()
 
 
 def rope_tables(cfg: GptOssConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [T, D/2] (fp32), both scaled by YaRN's attention factor."""
-    angles = positions.to(torch.float32)[:, None] * yarn_inv_freq(cfg)[None, :]
+    """cos, sin [T, D/2] (fp32), both scaled by YaRN's attention factor: the angle is position ×
+    inv_freq rounded to fp32 (as HF computes it), its cos and sin are taken in fp64 and rounded
+    once — the same bits on every machine (fp32 cos differs in the last bit between SIMD paths)."""
+    angles = (positions.to(torch.float32)[:, None] * yarn_inv_freq(cfg)[None, :]).double()
     scale = cfg.rope_scaling.attention_factor
-    return angles.cos() * scale, angles.sin() * scale
+    return (angles.cos() * scale).float(), (angles.sin() * scale).float()
+
+
+def rope_allowance(cfg: GptOssConfig, positions: torch.Tensor) -> torch.Tensor:
+    """[T, D/2]: how far apart two correct fp32 computations of `rope_tables` may be — the angle
+    position × inv_freq carries fp32 rounding of itself and of inv_freq (an error that grows with
+    the position: at position 2000 one bit of the angle moves cos by ~1e-4), the value one more
+    rounding; all times the attention factor, with a factor 2 to spare. A table made by another
+    build or machine passes; a table off in its frequencies (a flipped `truncate`, another theta
+    or factor) misses by orders of magnitude."""
+    angles = positions.to(torch.float64)[:, None] * yarn_inv_freq(cfg).double()[None, :]
+    return cfg.rope_scaling.attention_factor * 2.0**-21 * (angles.abs() + 1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -130,6 +130,51 @@ def test_expert_bytes_are_the_checkpoints(artifact):
                 assert size == want.numel() and f.read(size) == want.numpy().tobytes()
 
 
+@pytest.mark.parametrize("table", ["hf-fp32", "truncate-flipped", "no-attention-factor"])
+def test_the_rotary_tables_are_held_to_rounding(artifact, tmp_path, table):
+    """verify's structure check takes a rotary table computed another correct way (HF's: fp32
+    throughout, whose last bits vary with the SIMD path; ~1e-4 off at position 2000) and refuses
+    one whose frequencies or scale are off (YaRN's truncate flipped; the attention factor left
+    out), though the first positions' rows are nearly the same."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from transformers import GptOssConfig as HFConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from ossedge.runtime.model import rope_tables
+    from ossedge.targets.executorch.checks import check_structure
+
+    copy = tmp_path / "a"
+    shutil.copytree(artifact, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    source = QuantizedView(open_checkpoint(default_model_dir()), manifest["recipe"])
+    cfg, positions = source.config, torch.arange(manifest["max_context"])
+    y = cfg.rope_scaling
+    if table == "hf-fp32":
+        inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](HFConfig(**cfg.to_hf_dict()), "cpu")
+        angles = positions.float()[:, None] * inv_freq.float()[None, :]
+        cos, sin = angles.cos() * factor, angles.sin() * factor
+        assert 1e-6 < (cos - rope_tables(cfg, positions)[0]).abs().max() < 1e-3
+    elif table == "truncate-flipped":
+        flipped = cfg.replace(rope_scaling=dataclasses.replace(y, truncate=not y.truncate))
+        cos, sin = rope_tables(flipped, positions)
+    else:
+        cos, sin = (t / y.attention_factor for t in rope_tables(cfg, positions))
+    entries = read_index(copy / "model.ptd").entries()
+    with open(copy / "model.ptd", "r+b") as f:
+        for key, t in (("rope_cos", cos), ("rope_sin", sin)):
+            offset, size = entries[key]
+            assert size == t.numel() * 4
+            f.seek(offset)
+            f.write(t.float().contiguous().numpy().tobytes())
+    r = check_structure(SimpleNamespace(root=copy, manifest=manifest), source)
+    if table == "hf-fp32":
+        assert r["ok"], r["problems"]
+    else:
+        assert not r["ok"] and {p.split()[0] for p in r["problems"]} == {"rope_cos", "rope_sin"}
+
+
 def test_parity_past_window_and_ring_wrap(artifact):
     # as `verify` judges: 90% of the steps within the tolerance (int8 activations put a few
     # steps further off, where a router flips an expert); a wrong export is off at every step

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ import torch.nn.functional as F
 
 from ossedge.runtime.config import SLIDING, preset
 from ossedge.runtime.errors import OssedgeError
-from ossedge.runtime.model import apply_rope, load_model, rope_tables, yarn_inv_freq
+from ossedge.runtime.model import apply_rope, load_model, rope_allowance, rope_tables, yarn_inv_freq
 
 MAX_ABS_ERR_CACHED_FP32 = 1e-4  # cached vs full forward; logits are O(1–10)
 # bf16 compute vs fp32, per position: mean |Δlogits| / std(logits). Typically ~0.02 (HF
@@ -247,6 +250,48 @@ def test_yarn_attention_factor_scales_cos_and_sin() -> None:
     assert cos.shape == (715, 32) and cos.dtype == torch.float32
     assert torch.allclose(cos[0], torch.full((32,), factor)) and torch.all(sin[0] == 0)
     assert torch.allclose(cos**2 + sin**2, torch.full_like(cos, factor**2), rtol=1e-5)
+
+
+ROPE_BITS = Path(__file__).with_name("rope_bits.py")
+
+
+def test_rope_tables_are_the_same_bits_on_every_simd_path() -> None:
+    """torch's fp32 pow and cos differ in the last bit between its AVX2 and AVX-512 kernels, and
+    that bit times a position in the thousands moves a table entry by ~1e-4: an artifact made on
+    one machine would fail verify on another. The tables are the same bits on every path."""
+    seen = {}
+    for capability in ("default", "avx2", "avx512"):
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+        out = subprocess.run([sys.executable, str(ROPE_BITS)], env=env, check=True,
+                             capture_output=True, text=True).stdout.split()  # fmt: skip
+        seen[out[0]] = out[1]
+    assert "DEFAULT" in seen and len(seen) >= 2, seen  # at least one SIMD path besides the default
+    assert len(set(seen.values())) == 1, seen
+
+
+def test_rope_allowance_takes_rounding_and_refuses_wrong_frequencies() -> None:
+    """rope_allowance (what the structure checks hold a stored table to): a table computed in fp32
+    throughout from inverse frequencies a bit off either way (as fp32 pow gives them on one SIMD
+    path or another) is within it at every position of the 20b's context; one with YaRN's
+    truncate flipped or another theta is not, and the allowance is tight at the first positions."""
+    cfg = preset("20b")
+    positions = torch.arange(0, cfg.max_position_embeddings, 61)
+    allowance = rope_allowance(cfg, positions)
+    want, _ = rope_tables(cfg, positions)
+    inv_freq = yarn_inv_freq(cfg)
+    for towards in (math.inf, 0.0):
+        bit_off = torch.nextafter(inv_freq, torch.full_like(inv_freq, towards))
+        angles = positions.float()[:, None] * bit_off[None, :]
+        fp32 = angles.cos() * cfg.rope_scaling.attention_factor
+        assert ((fp32 - want).abs() <= allowance).all()
+        assert (fp32 - want).abs().max() > 1e-3  # rounding that large is real at this context
+    assert allowance[0].max() < 1e-6
+    y = cfg.rope_scaling
+    for other in (cfg.replace(rope_scaling=dataclasses.replace(y, truncate=True)),
+                  cfg.replace(rope_theta=cfg.rope_theta * 1.001)):  # fmt: skip
+        cos, _ = rope_tables(other, positions)
+        assert ((cos - want).abs() > allowance).any()
+        assert ((cos - want).abs() / allowance).max() > 100
 
 
 def test_rope_is_neox_half_split() -> None:

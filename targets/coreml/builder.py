@@ -30,7 +30,7 @@ from ossedge.quantize import mxfp4
 from ossedge.quantize.intq import unpack_nibbles
 from ossedge.quantize.qtensor import INT4_GROUP, QTensor
 from ossedge.runtime.config import GptOssConfig
-from ossedge.runtime.model import SWIGLU_ALPHA, yarn_inv_freq
+from ossedge.runtime.model import SWIGLU_ALPHA, rope_tables
 
 MASKED = -1e9  # additive mask in fp32 (finite: no inf - inf anywhere)
 # E8M0 scale bytes whose every MXFP4 value is exact in fp16 (multiples of 2^-24 up to 6 · 2^13)
@@ -108,13 +108,6 @@ def _rms_norm(x, w: torch.Tensor, eps: float, name: str):
     return mb.mul(x=mb.mul(x=x, y=inv), y=_f32(w)[None, :], name=name)
 
 
-def rope_table(cfg: GptOssConfig, context: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin [context, D/2] fp32, scaled by YaRN's attention factor (the reference's tables)."""
-    angles = torch.arange(context, dtype=torch.float32)[:, None] * yarn_inv_freq(cfg)[None, :]
-    scale = cfg.rope_scaling.attention_factor
-    return _f32(angles.cos() * scale), _f32(angles.sin() * scale)
-
-
 def _rope(x, cos, sin, heads: int, d: int, name: str):
     """NeoX half-split rotation of x fp16 [1, heads·D] → fp16 [1, heads, D] (in fp32)."""
     mb, _ = _mil()
@@ -137,7 +130,7 @@ def attention_function(cfg: GptOssConfig, layer: int, w: dict, context: int, ops
     g = nh // kv
     sliding = cfg.is_sliding(layer)
     slots = cfg.sliding_window if sliding else context
-    cos_t, sin_t = rope_table(cfg, context)
+    cos_t, sin_t = (_f32(t) for t in rope_tables(cfg, torch.arange(context)))
     eps = cfg.rms_norm_eps
 
     @mb.function(
