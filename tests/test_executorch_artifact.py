@@ -5,13 +5,17 @@ broken artifacts."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import GptOssConfig as HFConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from shared_artifacts import ARTIFACT_OPTIONS
 from clitools import assert_one_line_error, invoke, run
 
@@ -21,8 +25,9 @@ from ossedge.runtime.checkpoint import open_checkpoint
 from ossedge.runtime.evaluate import default_text
 from ossedge.runtime.errors import ArtifactError
 from ossedge.targets.executorch import TOLERANCE_QUANTIZED
+from ossedge.targets.executorch.checks import check_structure
 from ossedge.targets.executorch.runner import ExecuTorchModel
-from ossedge.runtime.model import build_model
+from ossedge.runtime.model import build_model, rope_tables
 from ossedge.runtime.quantized import QuantizedView
 from ossedge.runtime.tokenizer import Tokenizer
 from functools import partial
@@ -136,15 +141,6 @@ def test_the_rotary_tables_are_held_to_rounding(artifact, tmp_path, table):
     throughout, whose last bits vary with the SIMD path; ~1e-4 off at position 2000) and refuses
     one whose frequencies or scale are off (YaRN's truncate flipped; the attention factor left
     out), though the first positions' rows are nearly the same."""
-    import dataclasses
-    from types import SimpleNamespace
-
-    from transformers import GptOssConfig as HFConfig
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    from ossedge.runtime.model import rope_tables
-    from ossedge.targets.executorch.checks import check_structure
-
     copy = tmp_path / "a"
     shutil.copytree(artifact, copy)
     manifest = json.loads((copy / "manifest.json").read_text())

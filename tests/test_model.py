@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -265,7 +266,8 @@ def test_rope_tables_are_the_same_bits_on_every_simd_path() -> None:
         out = subprocess.run([sys.executable, str(ROPE_BITS)], env=env, check=True,
                              capture_output=True, text=True).stdout.split()  # fmt: skip
         seen[out[0]] = out[1]
-    assert "DEFAULT" in seen and len(seen) >= 2, seen  # at least one SIMD path besides the default
+    if platform.machine() in ("x86_64", "AMD64"):  # elsewhere torch takes the default for these
+        assert {"DEFAULT", "AVX2"} <= set(seen), seen
     assert len(set(seen.values())) == 1, seen
 
 

@@ -37,21 +37,24 @@ def check_structure(model, source) -> dict | None:
         start, size = part or (0, size)
         return np.fromfile(path, dtype=np.uint8, count=size, offset=offset + start).view(dtype)
 
-    def same(key: str, want: torch.Tensor) -> None:
+    def same(key: str, want: torch.Tensor, within: np.ndarray | None = None) -> None:
+        """Tensor `key` equals `want` to fp32 rounding, or each entry to within `within`."""
         got = read(key)
         want = want.float().reshape(-1).numpy()
-        if got is not None and (got.shape != want.shape or not np.allclose(got, want, rtol=1e-6,
-                                                                           atol=1e-7)):  # fmt: skip
-            diff = f"{np.abs(got - want).max():.3g}" if got.shape == want.shape else "its shape"
-            problems.append(f"{key} differs from the checkpoint's (largest difference {diff})")
+        if got is None:
+            return
+        if got.shape != want.shape:
+            problems.append(f"{key} differs from the checkpoint's (largest difference its shape)")
+        elif not (np.allclose(got, want, rtol=1e-6, atol=1e-7) if within is None
+                  else np.all(np.abs(got - want) <= within)):  # fmt: skip
+            problems.append(f"{key} differs from the checkpoint's "
+                            f"(largest difference {np.abs(got - want).max():.3g})")  # fmt: skip
 
     positions = torch.arange(int(manifest["max_context"]))
     allowance = rope_allowance(cfg, positions).reshape(-1).numpy()
-    for key, want in zip(("rope_cos", "rope_sin"), rope_tables(cfg, positions)):
-        got, want = read(key), want.reshape(-1).numpy()
-        if got is not None and (got.shape != want.shape or np.any(np.abs(got - want) > allowance)):
-            diff = f"{np.abs(got - want).max():.3g}" if got.shape == want.shape else "its shape"
-            problems.append(f"{key} differs from the checkpoint's (largest difference {diff})")
+    cos, sin = rope_tables(cfg, positions)
+    same("rope_cos", cos, allowance)
+    same("rope_sin", sin, allowance)
     same("norm", source.weight("model.norm.weight"))
     checked = exact = 0
     for n in range(cfg.num_hidden_layers):
